@@ -1,0 +1,67 @@
+"""Config sections owned by learner/. Imports only pydantic: cheap to import."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rollout.config import Section
+
+
+class TinyModelConfig(Section):
+    """The built-in Qwen2-architecture model with a character-level tokenizer."""
+
+    hidden_size: int = Field(128, ge=64)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    """hidden_size / num_heads must be 64: vLLM's CPU attention rejects smaller heads."""
+    num_kv_heads: int = Field(1, ge=1)
+    intermediate_size: int = Field(512, ge=1)
+    max_positions: int = Field(256, ge=16)
+    seed: int = 0
+
+
+class ColdStartConfig(Section):
+    """Supervised warm-up on the task's reference completions, as R1 does before RL."""
+
+    steps: int = Field(600, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """An HF model directory (transformers and vLLM must both load it). None builds the
+    tiny model, gives it the cold-start stage on the built-in task, and caches it."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    """Learner ranks (Ray actors in one placement group); the batch is split across them."""
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0)
+    """Max global gradient norm; 0 disables clipping."""
+    warmup_steps: int = Field(0, ge=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    micro_batch_size: int = Field(64, ge=1)
+    """Sequences per forward/backward; gradients accumulate over a rank's batch."""
+    updates_per_step: int = Field(1, ge=1)
+    """Optimizer steps per rollout batch (the batch is split in as many mini-batches)."""
+    advantage: str = "grpo"
+    """Advantage estimator, by registered name (learner/algos.py)."""
+    policy_loss: str = "ppo_clip"
+    """Policy loss, by registered name (learner/algos.py)."""
+    reduction: Literal["token_mean"] = "token_mean"
+    """How per-token losses become one number: mean over all tokens of the global batch."""
+    clip_eps: float = Field(0.2, gt=0)
+    adv_eps: float = Field(1e-6, gt=0)
+    """Added to the group std before dividing."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the k3 KL estimate to the frozen reference model; 0 skips the reference."""
+    seed: int = 0

@@ -1,0 +1,123 @@
+"""The generator: one vLLM engine, wrapped as a Ray actor by cluster/placement.py.
+
+It samples groups (n completions per prompt) and receives weights from the learner
+through vLLM's weight-transfer API (see weight_sync.py). Every sample carries the
+policy version of the weights that produced it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from rollout.config import RolloutConfig
+from rollout.types import Group, Sample
+from rollout.weight_sync import ENGINE_NAME
+
+# Set before vLLM is imported (the actor's runtime_env sets them too).
+ENGINE_ENV = {
+    # Run the engine inside the actor process: ~3-10 s start instead of ~30 s, no
+    # core pinning, and tensors pass through collective_rpc as tensors.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+
+class Generator:
+    def __init__(self, model_path: str, cfg: RolloutConfig, index: int = 0) -> None:
+        for key, value in ENGINE_ENV.items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.index = index
+        self.version = 0
+        kv_bytes = int(cfg.kv_cache_gib * 2**30)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=model_path,
+            dtype=cfg.dtype,
+            seed=cfg.seed + index,
+            enforce_eager=cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_bytes,
+            enable_prefix_caching=True,
+            weight_transfer_config={"backend": ENGINE_NAME},
+            worker_extension_cls="rollout.weight_sync.WorkerExtension",
+        )
+        self.init_seconds = time.perf_counter() - t0
+
+    def ready(self) -> dict[str, Any]:
+        return {"index": self.index, "init_seconds": self.init_seconds, "version": self.version}
+
+    # ----------------------------------------------------------------- sampling
+    def generate(self, prompts: list[dict[str, Any]], seed: int) -> list[Group]:
+        """prompts: dicts with `prompt` (text) and `row`. Returns one Group each.
+
+        `seed` makes a step's sampling reproducible (each prompt gets seed + i)."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=self.cfg.n,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_tokens,
+                logprobs=0,
+                seed=seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([p["prompt"] for p in prompts], params, use_tqdm=False)
+        groups = []
+        for prompt, out in zip(prompts, outputs):
+            samples = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs)]
+                samples.append(
+                    Sample(
+                        completion_ids=ids,
+                        logprobs=logprobs,
+                        text=c.text,
+                        finish_reason=c.finish_reason or "length",
+                        version=self.version,
+                    )
+                )
+            groups.append(Group(list(out.prompt_token_ids), prompt["prompt"], prompt["row"], samples))
+        return groups
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Logprob of each token after the first under the current weights (greedy
+        scoring, no sampling noise): the check that a weight update really landed."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
+        return [step[tok].logprob for tok, step in zip(token_ids[1:], out.prompt_logprobs[1:])]
+
+    # ------------------------------------------------------------ weight update
+    # The learner drives these four through rollout.weight_sync.WeightSyncClient.
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: int) -> None:
+        self.llm.finish_weight_update(weight_version=str(weight_version))
+        # KV computed with the old weights must not be reused.
+        self.llm.reset_prefix_cache()
+        self.version = weight_version
+
+    def weights_fingerprint(self) -> float:
+        return self.llm.collective_rpc("weights_fingerprint")[0]
+
+    def engine_world_size(self) -> int:
+        """Workers (TP x PP) inside this engine: each takes one rank in the sync group."""
+        return self.cfg.tensor_parallel_size

@@ -1,0 +1,244 @@
+"""Learner -> generator weight transfer over a dedicated torch.distributed group.
+
+One implementation for CPU and GPU: the group's backend is "gloo" (CPU) or "nccl"
+(GPU) and nothing else differs. It plugs into vLLM's weight-transfer API
+(`LLM(weight_transfer_config={"backend": ENGINE_NAME})`, then
+`init_weight_transfer_engine` / `start_weight_update` / `update_weights` /
+`finish_weight_update`): the worker-side engine below is registered with vLLM's
+factory when vLLM imports `WorkerExtension` (named by `worker_extension_cls`).
+
+Wire format: the sender (group rank 0) sends the tensors named in the update info,
+in that order, packed into flat uint8 buckets of at most `bucket_bytes` (a tensor
+larger than that travels alone). Both sides compute the same buckets from the same
+metadata (`plan_buckets`), so only the bytes cross the wire, one broadcast per bucket.
+Group ranks: 0 is the learner; engine i's worker w is `1 + i * world + w`, where
+world = TP * PP of one engine (`rank_offset` carries `1 + i * world`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+ENGINE_NAME = "grpo_collective"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # torch dtype name, e.g. "float32"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+    """Split tensor indices, in order, into consecutive buckets of <= bucket_bytes
+    (a tensor larger than bucket_bytes forms a bucket of its own)."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, meta in enumerate(metas):
+        if current and size + meta.nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += meta.nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the tensors' bytes into one flat uint8 tensor on their device."""
+    if len(tensors) == 1:
+        return tensors[0].contiguous().view(-1).view(torch.uint8)
+    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+
+
+def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `pack`: views into `flat`, one per meta (no copy)."""
+    out, offset = [], 0
+    for meta in metas:
+        n = meta.nbytes
+        tensor = flat[offset : offset + n].view(getattr(torch, meta.dtype)).view(meta.shape)
+        out.append((meta.name, tensor))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"bucket holds {flat.numel()} bytes, metadata describes {offset}")
+    return out
+
+
+def open_group(
+    host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+) -> "ProcessGroup":
+    """Join the learner<->generators group without touching torch's default group
+    (vLLM's and DeepSpeed's own groups stay as they are)."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    return stateless_init_torch_distributed_process_group(
+        host, port, rank, world_size, backend=backend, timeout=timedelta(seconds=timeout_s)
+    )
+
+
+def close_group(pg: "ProcessGroup") -> None:
+    from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+    stateless_destroy_torch_distributed_process_group(pg)
+
+
+def broadcast(pg: "ProcessGroup", tensor: torch.Tensor) -> None:
+    """Broadcast from group rank 0 (the learner) to every generator worker."""
+    pg.broadcast([tensor], torch.distributed.BroadcastOptions()).wait()
+
+
+def update_info(metas: list[TensorMeta], bucket_bytes: int) -> dict[str, Any]:
+    return {
+        "names": [m.name for m in metas],
+        "dtype_names": [m.dtype for m in metas],
+        "shapes": [list(m.shape) for m in metas],
+        "bucket_bytes": bucket_bytes,
+    }
+
+
+class WeightSyncClient(Protocol):
+    """The generators' side of a sync, as the learner drives it (vLLM's
+    `VLLMWeightSyncClient` shape). `update_weights` blocks until the matching
+    broadcasts are done, so the learner runs it concurrently with sending."""
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None: ...
+
+    def start_weight_update(self) -> None: ...
+
+    def update_weights(self, update_info: dict[str, Any]) -> None: ...
+
+    def finish_weight_update(self, weight_version: int) -> None: ...
+
+
+# ----------------------------------------------------------------- generator side
+# Everything below runs inside a vLLM worker process.
+
+from vllm.distributed.weight_transfer.base import (  # noqa: E402
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory  # noqa: E402
+
+
+@dataclass
+class CollectiveInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    backend: str
+    timeout_s: float = 300.0
+
+
+@dataclass
+class CollectiveUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    bucket_bytes: int
+
+    def metas(self) -> list[TensorMeta]:
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError("update info: names, dtype_names and shapes differ in length")
+        return [TensorMeta(n, d, tuple(s)) for n, d, s in zip(self.names, self.dtype_names, self.shapes)]
+
+
+class CollectiveWeightTransferEngine(
+    WeightTransferEngine[CollectiveInitInfo, CollectiveUpdateInfo]
+):
+    """Receives bucketed broadcasts and loads them through vLLM's layerwise reload
+    (the only reload path that works on the CPU backend, which repacks linear weights)."""
+
+    init_info_cls = CollectiveInitInfo
+    update_info_cls = CollectiveUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group: ProcessGroup | None = None
+
+    def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
+        pc = self.parallel_config
+        rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
+        self.group = open_group(
+            init_info.master_address,
+            init_info.master_port,
+            rank,
+            init_info.world_size,
+            init_info.backend,
+            init_info.timeout_s,
+        )
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class ends with torch.accelerator.synchronize(), which fails on
+        # CPU; broadcasts here are waited on, so only CUDA needs a sync.
+        self.receive_weights(self.parse_update_info(update_info))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def receive_weights(self, info: CollectiveUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("weight transfer not initialised: call init_weight_transfer_engine")
+        metas = info.metas()
+        for bucket in plan_buckets(metas, info.bucket_bytes):
+            bucket_metas = [metas[i] for i in bucket]
+            flat = torch.empty(sum(m.nbytes for m in bucket_metas), dtype=torch.uint8, device=self.device)
+            broadcast(self.group, flat)
+            self.model.load_weights(unpack(flat, bucket_metas))
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        _refresh_tied_lm_head(self.model)
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            close_group(self.group)
+            self.group = None
+
+
+def _refresh_tied_lm_head(model: torch.nn.Module) -> None:
+    """With tied embeddings, the layerwise reload post-processes only the embedding:
+    the output layer's repacked copy (CPU backend) stays stale unless re-processed."""
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or lm_head.weight is not embed.weight:
+        return
+    quant_method = getattr(lm_head, "quant_method", None)
+    if quant_method is not None and hasattr(quant_method, "process_weights_after_loading"):
+        quant_method.process_weights_after_loading(lm_head)
+
+
+try:
+    WeightTransferEngineFactory.register_engine(ENGINE_NAME, CollectiveWeightTransferEngine)
+except ValueError:  # already registered (module imported twice)
+    pass
+
+
+class WorkerExtension:
+    """Named by `worker_extension_cls`: makes vLLM import this module in every
+    worker (registering the engine) and adds test-only introspection."""
+
+    def weights_fingerprint(self) -> float:
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
