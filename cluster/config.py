@@ -1,0 +1,147 @@
+"""The one typed config: YAML file + `key.sub=value` overrides -> Config.
+
+Every default lives here or in the section classes of the package that owns it
+(rollout/, rewards/, learner/); each component receives only its own section.
+Importing this module imports pydantic and yaml only (so `--help` stays instant).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from learner.config import LearnerConfig, ModelConfig
+from rewards.config import RewardConfig
+from rollout.config import RolloutConfig, Section, WeightSyncConfig
+
+
+class ConfigError(ValueError):
+    """A bad config, reported with the key at fault, before anything starts."""
+
+
+class DataConfig(Section):
+    task: Literal["arithmetic"] | None = "arithmetic"
+    """Built-in task generator. Ignored when `path` is set."""
+    path: str | None = None
+    """A JSONL file of rows with `prompt` and `answer` (other fields go to the verifiers)."""
+    max_operand: int = Field(29, ge=1)
+    """Arithmetic: operands are drawn from 0..max_operand."""
+    rl_share: float = Field(0.5, gt=0, lt=1)
+    """Arithmetic: share of all operand pairs held apart for RL (the rest feed the cold start)."""
+    seed: int = 0
+    """Seeds the split and the order in which prompts are drawn."""
+
+
+class RunConfig(Section):
+    steps: int = Field(60, ge=1)
+    """RL steps (one rollout batch and one learner update each)."""
+    prompts_per_step: int = Field(16, ge=1)
+    output_dir: str = "runs"
+    """Each run writes to <output_dir>/<name>."""
+    name: str | None = None
+    """Run directory name; default: a timestamp."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Export the policy every K steps (0: only the final checkpoint)."""
+    seed: int = 0
+    """Seeds sampling: step s uses seed + s, so a run is reproducible."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray address to join; None starts Ray locally (or joins the cluster a
+    `ray job submit` entrypoint runs in)."""
+    num_cpus: int | None = None
+    """CPUs of a locally started Ray (None: all)."""
+    generator_cpus: float = Field(0.5, ge=0)
+    generator_gpus: float = Field(0.0, ge=0)
+    learner_cpus: float = Field(0.5, ge=0)
+    learner_gpus: float = Field(0.0, ge=0)
+    reward_cpus: float = Field(0.25, ge=0)
+    threads_per_actor: int = Field(2, ge=1)
+    """torch/OpenMP threads in each generator and learner actor."""
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    sync: WeightSyncConfig = WeightSyncConfig()
+    run: RunConfig = RunConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.sync.backend == "nccl" and (self.cluster.generator_gpus == 0 or self.cluster.learner_gpus == 0):
+            raise ValueError("sync.backend=nccl needs GPUs: set cluster.generator_gpus and cluster.learner_gpus")
+        sequences = self.run.prompts_per_step * self.rollout.n
+        if sequences % self.learner.num_ranks:
+            raise ValueError(
+                f"learner.num_ranks={self.learner.num_ranks} must divide run.prompts_per_step * rollout.n = {sequences}"
+            )
+        if self.run.prompts_per_step < self.rollout.num_generators:
+            raise ValueError("run.prompts_per_step must be >= rollout.num_generators")
+        if self.data.path is None and self.data.task is None:
+            raise ValueError("data: set data.task or data.path")
+        return self
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set(tree: dict, path: list[str], value: Any, full: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{full}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """YAML file (optional) + overrides -> validated Config, or ConfigError naming the key."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _set(tree, keys, value, item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

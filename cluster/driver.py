@@ -1,0 +1,138 @@
+"""The training driver: generate -> score -> train -> push weights -> log -> checkpoint.
+
+Placement lives in placement.py, weight transport in rollout/ and learner/; this
+file is the loop and the bookkeeping around it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster import placement
+from cluster.config import Config, dump_config
+from cluster.data import PromptStream, rl_rows
+from cluster.metrics import MetricsLog, plot, summarize
+from cluster.model_prep import prepare_model
+from rollout.types import Group, num_completion_tokens
+
+
+@dataclass
+class Actors:
+    generators: list[Any]
+    rewarders: list[Any]
+    learners: list[Any]
+
+
+def split(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal chunks (order preserved)."""
+    k, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + k + (i < r)
+        out.append(items[start:stop])
+        start = stop
+    return out
+
+
+def make_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return run_dir
+
+
+def start_actors(cfg: Config, model_path: str) -> Actors:
+    placement.start_ray(cfg.cluster)
+    sequences = cfg.run.prompts_per_step * cfg.rollout.n
+    actors = Actors(
+        placement.make_generators(model_path, cfg),
+        placement.make_reward_workers(cfg),
+        placement.make_learners(model_path, cfg, sequences),
+    )
+    ray.get([a.ready.remote() for a in actors.generators + actors.rewarders + actors.learners])
+    worlds = ray.get([g.engine_world_size.remote() for g in actors.generators])
+    ray.get(actors.learners[0].connect_generators.remote(actors.generators, worlds, cfg.sync))
+    return actors
+
+
+def rollout_and_score(actors: Actors, prompts: list[dict], seed: int) -> tuple[list[Group], dict[str, float]]:
+    """Generate on every generator and score each generator's groups as soon as they
+    arrive (ObjectRefs flow straight into the reward workers)."""
+    t0 = time.perf_counter()
+    gen_refs = [
+        g.generate.remote(chunk, seed + 7919 * i)
+        for i, (g, chunk) in enumerate(zip(actors.generators, split(prompts, len(actors.generators))))
+    ]
+    score_refs = [actors.rewarders[i % len(actors.rewarders)].score.remote(ref) for i, ref in enumerate(gen_refs)]
+    ray.wait(gen_refs, num_returns=len(gen_refs), fetch_local=False)
+    t_gen = time.perf_counter() - t0
+    groups = [g for part in ray.get(score_refs) for g in part]
+    return groups, {"time/generate": t_gen, "time/reward": time.perf_counter() - t0 - t_gen}
+
+
+def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, Any]:
+    samples = [s for g in groups for s in g.samples]
+    rewards = [r for g in groups for r in g.rewards]
+    out: dict[str, Any] = {
+        "reward_mean": sum(rewards) / len(rewards),
+        "response_length": num_completion_tokens(groups) / len(samples),
+        "truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "policy_version": min(s.version for s in samples),
+    }
+    for name in groups[0].reward_parts:
+        values = [v for g in groups for v in g.reward_parts[name]]
+        out[f"rewards/{name}"] = sum(values) / len(values)
+    out["accuracy"] = out.get("rewards/accuracy", float("nan"))
+    out["format_rate"] = out.get("rewards/format", float("nan"))
+    out["kl"] = learner.get("train/kl", 0.0)
+    out["clip_frac"] = learner.get("train/clip_frac", 0.0)
+    out.update(learner)
+    return out
+
+
+def train(cfg: Config, log=print) -> dict[str, Any]:
+    rows = rl_rows(cfg.data)  # a bad dataset fails here, before any actor starts
+    run_dir = make_run_dir(cfg)
+    log(f"run directory: {run_dir}")
+    model_path = prepare_model(cfg, log)
+    t_start = time.perf_counter()
+    actors = start_actors(cfg, model_path)
+    log(f"actors ready in {time.perf_counter() - t_start:.1f} s")
+    stream = PromptStream(rows, cfg.data.seed)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    bar = _progress(cfg)
+    for step in range(cfg.run.steps):
+        t0 = time.perf_counter()
+        groups, times = rollout_and_score(actors, stream.take(cfg.run.prompts_per_step), cfg.run.seed * 100_003 + step)
+        t1 = time.perf_counter()
+        shards = split(groups, len(actors.learners))
+        learner_metrics = ray.get([lrn.train_step.remote(s) for lrn, s in zip(actors.learners, shards)])[0]
+        t2 = time.perf_counter()
+        ray.get(actors.learners[0].broadcast_weights.remote(step + 1))
+        t3 = time.perf_counter()
+        row = {"step": step + 1, **step_metrics(groups, learner_metrics), **times}
+        row.update({"time/train": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
+        row["gen_tokens_per_s"] = num_completion_tokens(groups) / max(times["time/generate"], 1e-9)
+        metrics.append(row)
+        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
+            ray.get(actors.learners[0].save_hf.remote(str(run_dir / f"checkpoint-{step + 1}")))
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}")
+    bar.close()
+    final = ray.get(actors.learners[0].save_hf.remote(str((run_dir / "final").resolve())))
+    plot(metrics.rows, run_dir / "plot.png")
+    summary = {**summarize(metrics.rows), "run_dir": str(run_dir), "checkpoint": final, "model_start": model_path}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _progress(cfg: Config):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.run.steps, desc="grpo", unit="step", disable=not cfg.run.progress, dynamic_ncols=True)

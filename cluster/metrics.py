@@ -1,0 +1,53 @@
+"""Per-step metrics: JSONL on disk, a PNG plot, and the end-of-run summary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def summarize(rows: list[dict[str, Any]], window: int = 5) -> dict[str, Any]:
+    """Accuracy over the first and last `window` steps, and what changed."""
+    def mean(key: str, part: list[dict[str, Any]]) -> float:
+        values = [r[key] for r in part if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    first, last = rows[:window], rows[-window:]
+    out = {"steps": len(rows)}
+    for key in ("accuracy", "reward_mean", "format_rate", "response_length"):
+        out[f"{key}_first{window}"] = mean(key, first)
+        out[f"{key}_last{window}"] = mean(key, last)
+    out["accuracy_gain"] = out[f"accuracy_last{window}"] - out[f"accuracy_first{window}"]
+    out["seconds_total"] = sum(r.get("time/step", 0.0) for r in rows)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Reward, accuracy and response length per step, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    panels = [("reward_mean", "reward"), ("accuracy", "accuracy"), ("response_length", "response length (tokens)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,93 @@
+"""Putting the actors on a Ray cluster: generators, reward workers, learner ranks.
+
+Every actor gets its resources from ClusterConfig; learner ranks share one placement
+group (PACK) so they land together. The same code serves CPU and GPU clusters.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import ClusterConfig, Config
+from learner.learner import Learner
+from rewards.worker import RewardWorker
+from rollout.generator import ENGINE_ENV, Generator
+
+
+def start_ray(cfg: ClusterConfig) -> None:
+    """Join `cfg.address`, the cluster a `ray job submit` entrypoint runs in
+    (RAY_ADDRESS), or start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Workers import our packages from the working directory of this process.
+    runtime_env = {"env_vars": {"PYTHONPATH": os.getcwd(), "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+
+
+def _thread_env(cfg: ClusterConfig) -> dict[str, str]:
+    n = str(cfg.threads_per_actor)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def make_generators(model_path: str, cfg: Config) -> list[Any]:
+    actor = ray.remote(Generator)
+    env = {**ENGINE_ENV, **_thread_env(cfg.cluster)}
+    return [
+        actor.options(
+            num_cpus=cfg.cluster.generator_cpus,
+            num_gpus=cfg.cluster.generator_gpus,
+            runtime_env={"env_vars": env},
+            name=None,
+        ).remote(model_path, cfg.rollout, i)
+        for i in range(cfg.rollout.num_generators)
+    ]
+
+
+def make_reward_workers(cfg: Config) -> list[Any]:
+    actor = ray.remote(RewardWorker)
+    return [
+        actor.options(num_cpus=cfg.cluster.reward_cpus).remote(cfg.rewards, i)
+        for i in range(cfg.rewards.num_workers)
+    ]
+
+
+def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> list[Any]:
+    """All learner ranks in one PACK placement group; rank 0 hosts the rendezvous."""
+    n = cfg.learner.num_ranks
+    bundle = {"CPU": cfg.cluster.learner_cpus}
+    if cfg.cluster.learner_gpus:
+        bundle["GPU"] = cfg.cluster.learner_gpus
+    pg = placement_group([bundle] * n, strategy="PACK")
+    ray.get(pg.ready())
+    from vllm.utils.network_utils import get_ip, get_open_port
+
+    master_addr = "127.0.0.1" if n == 1 else get_ip()
+    master_port = get_open_port()
+    actor = ray.remote(Learner)
+    dist_backend = "nccl" if cfg.cluster.learner_gpus else "gloo"
+    return [
+        actor.options(
+            num_cpus=cfg.cluster.learner_cpus,
+            num_gpus=cfg.cluster.learner_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+            runtime_env={"env_vars": _thread_env(cfg.cluster)},
+        ).remote(
+            model_path, cfg.learner, rank, n, master_addr, master_port,
+            sequences_per_step, cfg.rollout.temperature, dist_backend,
+        )
+        for rank in range(n)
+    ]

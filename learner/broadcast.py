@@ -1,0 +1,89 @@
+"""The learner's side of a weight sync: stream the policy's parameters to every
+generator over the dedicated group defined in rollout/weight_sync.py.
+
+Rank 0 of the learner is the sender (group rank 0). The same code runs on gloo (CPU)
+and nccl (GPU): only `WeightSyncConfig.backend` differs.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from rollout.config import WeightSyncConfig
+from rollout.weight_sync import (
+    TensorMeta,
+    WeightSyncClient,
+    broadcast,
+    close_group,
+    open_group,
+    pack,
+    plan_buckets,
+    update_info,
+)
+
+
+def parameter_metas(module: torch.nn.Module) -> list[TensorMeta]:
+    """Name, dtype and full shape of every parameter, in `named_parameters()` order
+    (layer order, a tied output layer listed once, as vLLM's loader expects).
+    Reads ZeRO-3's `ds_shape` so no gather is needed."""
+    return [
+        TensorMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
+        for name, p in module.named_parameters()
+    ]
+
+
+class WeightBroadcaster:
+    def __init__(self, module: torch.nn.Module, cfg: WeightSyncConfig, client: WeightSyncClient) -> None:
+        self.module = module
+        self.cfg = cfg
+        self.client = client
+        self.group = None
+        self.bucket_bytes = int(cfg.bucket_mb * 2**20)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    def connect(self, world_size: int) -> None:
+        """Rendezvous with every generator worker (both sides must join at once)."""
+        from vllm.utils.network_utils import get_open_port
+
+        port = get_open_port()
+        init_info = {
+            "master_address": self.cfg.master_address,
+            "master_port": port,
+            "backend": self.cfg.backend,
+            "timeout_s": self.cfg.timeout_s,
+        }
+        pending = self._pool.submit(self.client.init_weight_transfer_engine, init_info)
+        self.group = open_group(
+            self.cfg.master_address, port, 0, world_size, self.cfg.backend, self.cfg.timeout_s
+        )
+        pending.result(timeout=self.cfg.timeout_s)
+
+    @torch.no_grad()
+    def send(self, version: int) -> dict[str, float]:
+        """Stream all parameters as packed buckets; generators serve `version` after."""
+        if self.group is None:
+            raise RuntimeError("WeightBroadcaster.connect() must run before send()")
+        t0 = time.perf_counter()
+        params = [p for _, p in self.module.named_parameters()]
+        metas = parameter_metas(self.module)
+        self.client.start_weight_update()
+        # The generators' receive blocks inside the broadcasts: run it alongside.
+        receiving = self._pool.submit(self.client.update_weights, update_info(metas, self.bucket_bytes))
+        nbytes = 0
+        for bucket in plan_buckets(metas, self.bucket_bytes):
+            flat = pack([params[i].detach() for i in bucket])
+            if receiving.done():  # a generator failed before joining: surface it, don't hang
+                receiving.result()
+            broadcast(self.group, flat)
+            nbytes += flat.numel()
+        receiving.result(timeout=self.cfg.timeout_s)
+        self.client.finish_weight_update(version)
+        return {"sync/bytes": float(nbytes), "sync/seconds": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        if self.group is not None:
+            close_group(self.group)
+            self.group = None
+        self._pool.shutdown(wait=False)
