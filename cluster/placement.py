@@ -24,8 +24,7 @@ def start_ray(cfg: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    # Workers import our packages from the working directory of this process.
-    runtime_env = {"env_vars": {"PYTHONPATH": os.getcwd(), "TOKENIZERS_PARALLELISM": "false"}}
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

@@ -22,7 +22,7 @@ class RolloutConfig(Section):
     """Sampling temperature for training rollouts."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling threshold for training rollouts."""
-    max_tokens: int = Field(32, ge=1)
+    max_tokens: int = Field(48, ge=1)
     """Longest completion; leave room for the closing tags and EOS."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the engine's weights (must match what the learner sends)."""

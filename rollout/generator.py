@@ -52,8 +52,8 @@ class Generator:
         return {"index": self.index, "init_seconds": self.init_seconds, "version": self.version}
 
     # ----------------------------------------------------------------- sampling
-    def generate(self, prompts: list[dict[str, Any]], seed: int) -> list[Group]:
-        """prompts: dicts with `prompt` (text) and `row`. Returns one Group each.
+    def generate(self, rows: list[dict[str, Any]], seed: int) -> list[Group]:
+        """rows: dataset rows (each with a `prompt` text). Returns one Group per row.
 
         `seed` makes a step's sampling reproducible (each prompt gets seed + i)."""
         from vllm import SamplingParams
@@ -67,11 +67,11 @@ class Generator:
                 logprobs=0,
                 seed=seed + i,
             )
-            for i in range(len(prompts))
+            for i in range(len(rows))
         ]
-        outputs = self.llm.generate([p["prompt"] for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([r["prompt"] for r in rows], params, use_tqdm=False)
         groups = []
-        for prompt, out in zip(prompts, outputs):
+        for row, out in zip(rows, outputs):
             samples = []
             for c in out.outputs:
                 ids = list(c.token_ids)
@@ -85,7 +85,7 @@ class Generator:
                         version=self.version,
                     )
                 )
-            groups.append(Group(list(out.prompt_token_ids), prompt["prompt"], prompt["row"], samples))
+            groups.append(Group(list(out.prompt_token_ids), row["prompt"], row, samples))
         return groups
 
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
