@@ -44,7 +44,9 @@ def _thread_env(cfg: ClusterConfig) -> dict[str, str]:
 
 def make_generators(model_path: str, cfg: Config) -> list[Any]:
     actor = ray.remote(Generator)
+    # A variable the user exported wins over our defaults.
     env = {**ENGINE_ENV, **_thread_env(cfg.cluster)}
+    env.update({k: os.environ[k] for k in env if k in os.environ})
     return [
         actor.options(
             num_cpus=cfg.cluster.generator_cpus,

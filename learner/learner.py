@@ -157,6 +157,7 @@ class Learner:
 
         sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "sampler_logprob_diff": 0.0}
         sums["sampler_logprob_diff"] = float(((old_logprobs - batch.sampler_logprobs).abs() * batch.loss_mask).sum())
+        grad_norms: list[float] = []
         minibatch = math.ceil(len(batch) / self.cfg.updates_per_step)
         for m_start in range(0, len(batch), minibatch):
             mini = batch.slice(m_start, m_start + minibatch)
@@ -170,14 +171,24 @@ class Learner:
                                         normaliser, loss_fn, reduce, sums)
                 # DeepSpeed averages gradients over ranks: undo it (normaliser is global).
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                if k == self.accumulation - 1:
+                    grad_norms.append(self._grad_norm())
                 self.engine.step()
         self.steps_done += 1
         tokens = sums.pop("tokens")
         metrics = {f"train/{k}": v / max(tokens, 1.0) for k, v in sums.items()}
-        metrics["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["train/lr"] = float(self.engine.get_lr()[0])
         metrics["train/seconds"] = time.perf_counter() - t0
         return metrics
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the accumulated gradients (before clipping)."""
+        norm = self.engine.get_global_grad_norm()  # set by the ZeRO optimizers
+        if norm is None:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0.0
+        return float(norm)
 
     def _micro_step(self, micro: Batch, old_logprobs, ref_logprobs, normaliser, loss_fn, reduce, sums):
         if len(micro) == 0:  # an empty slot keeps DeepSpeed's accumulation count aligned

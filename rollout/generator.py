@@ -19,6 +19,9 @@ ENGINE_ENV = {
     # Run the engine inside the actor process: ~3-10 s start instead of ~30 s, no
     # core pinning, and tensors pass through collective_rpc as tensors.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # Every weight sync logs several INFO/WARNING lines per engine (layerwise reload
+    # of the tied output layer and rotary buffers, which are not sent on purpose).
+    "VLLM_LOGGING_LEVEL": "ERROR",
 }
 
 

@@ -65,11 +65,16 @@ def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of `pack`: views into `flat`, one per meta (no copy)."""
+    """Inverse of `pack`: views into `flat`, one per meta (a copy only where a tensor
+    of a wider dtype starts at an offset its element size does not divide)."""
     out, offset = [], 0
     for meta in metas:
         n = meta.nbytes
-        tensor = flat[offset : offset + n].view(getattr(torch, meta.dtype)).view(meta.shape)
+        dtype = getattr(torch, meta.dtype)
+        chunk = flat[offset : offset + n]
+        if offset % torch.empty((), dtype=dtype).element_size():
+            chunk = chunk.clone()
+        tensor = chunk.view(dtype).view(meta.shape)
         out.append((meta.name, tensor))
         offset += n
     if offset != flat.numel():
