@@ -35,9 +35,9 @@ class DataConfig(Section):
 
 
 class RunConfig(Section):
-    steps: int = Field(60, ge=1)
+    steps: int = Field(80, ge=1)
     """RL steps (one rollout batch and one learner update each)."""
-    prompts_per_step: int = Field(16, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
     output_dir: str = "runs"
     """Each run writes to <output_dir>/<name>."""
     name: str | None = None

@@ -19,7 +19,7 @@ def test_overrides_and_yaml_compose(tmp_path):
     assert cfg.learner.lr == 0.01
     assert cfg.rollout.n == 6
     assert cfg.rewards.verifiers == {"accuracy": 1.0}
-    assert cfg.run.steps == 60  # untouched default
+    assert cfg.run.steps == 80  # untouched default
 
 
 @pytest.mark.parametrize(
