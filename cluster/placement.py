@@ -66,6 +66,13 @@ def make_reward_workers(cfg: Config) -> list[Any]:
     ]
 
 
+@ray.remote
+def _address_and_port(local: bool) -> tuple[str, int]:
+    from vllm.utils.network_utils import get_ip, get_open_port
+
+    return ("127.0.0.1" if local else get_ip()), get_open_port()
+
+
 def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> list[Any]:
     """All learner ranks in one PACK placement group; rank 0 hosts the rendezvous."""
     n = cfg.learner.num_ranks
@@ -74,10 +81,12 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> list
         bundle["GPU"] = cfg.cluster.learner_gpus
     pg = placement_group([bundle] * n, strategy="PACK")
     ray.get(pg.ready())
-    from vllm.utils.network_utils import get_ip, get_open_port
-
-    master_addr = "127.0.0.1" if n == 1 else get_ip()
-    master_port = get_open_port()
+    # Rank 0 hosts the DeepSpeed rendezvous: take an address and port on its node.
+    master_addr, master_port = ray.get(
+        _address_and_port.options(
+            num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        ).remote(n == 1)
+    )
     actor = ray.remote(Learner)
     dist_backend = "nccl" if cfg.cluster.learner_gpus else "gloo"
     return [

@@ -30,8 +30,14 @@ class Batch:
     advantages: torch.Tensor  # (B,)
     sampler_logprobs: torch.Tensor  # (B, L-1) the generator's logprobs, 0 off-mask
 
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.input_ids, self.attention_mask, self.loss_mask, self.advantages, self.sampler_logprobs)
+
     def slice(self, start: int, stop: int) -> "Batch":
-        return Batch(*(t[start:stop] for t in (self.input_ids, self.attention_mask, self.loss_mask, self.advantages, self.sampler_logprobs)))
+        return Batch(*(t[start:stop] for t in self._fields()))
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(t.to(device) for t in self._fields()))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -115,7 +121,7 @@ class Learner:
         )
         self.ref = None
         if cfg.kl_coef > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.engine.device).eval()
             self.ref.requires_grad_(False)
         self.broadcaster = None
         self.steps_done = 0
@@ -148,7 +154,7 @@ class Learner:
         adv_fn = algos.lookup(algos.ADVANTAGES, self.cfg.advantage, "advantage estimator")
         loss_fn = algos.lookup(algos.POLICY_LOSSES, self.cfg.policy_loss, "policy loss")
         reduce = algos.lookup(algos.REDUCTIONS, self.cfg.reduction, "reduction")
-        batch = build_batch(groups, adv_fn(rewards, self.cfg.adv_eps), self.pad_id)
+        batch = build_batch(groups, adv_fn(rewards, self.cfg.adv_eps), self.pad_id).to(self.engine.device)
 
         self.engine.eval()  # no dropout in the recomputation
         old_logprobs = self._score(self.engine.module, batch)
@@ -229,7 +235,7 @@ class Learner:
         return str(out)
 
     def state_dict_numpy(self) -> dict[str, Any]:
-        return {k: v.detach().float().numpy().copy() for k, v in self.engine.module.state_dict().items()}
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in self.engine.module.state_dict().items()}
 
     def ready(self) -> int:
         return self.rank

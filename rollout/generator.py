@@ -118,9 +118,6 @@ class Generator:
         self.llm.reset_prefix_cache()
         self.version = weight_version
 
-    def weights_fingerprint(self) -> float:
-        return self.llm.collective_rpc("weights_fingerprint")[0]
-
     def engine_world_size(self) -> int:
         """Workers (TP x PP) inside this engine: each takes one rank in the sync group."""
         return self.cfg.tensor_parallel_size

@@ -240,10 +240,7 @@ except ValueError:  # already registered (module imported twice)
 
 
 class WorkerExtension:
-    """Named by `worker_extension_cls`: makes vLLM import this module in every
-    worker (registering the engine) and adds test-only introspection."""
-
-    def weights_fingerprint(self) -> float:
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    """Named by `worker_extension_cls`, so that vLLM imports this module in every
+    worker process (TP workers included) before the engine is created, which
+    registers ENGINE_NAME with vLLM's factory."""
 

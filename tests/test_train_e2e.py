@@ -60,6 +60,20 @@ def test_grpo_train_cli_trains_every_parameter(out_dir):
     assert unchanged == []
     assert len(start_params) > 10
 
+    # vLLM serves the exported checkpoint too, and the cold-started policy answers in format
+    code = (
+        "from rollout.config import RolloutConfig\n"
+        "from rollout.generator import Generator\n"
+        "from rewards.verifiers import format_reward\n"
+        f"g = Generator({summary['checkpoint']!r}, RolloutConfig(n=8, temperature=0.6, top_p=0.95))\n"
+        "groups = g.generate([{'prompt': '3+4=', 'answer': '7'}], seed=0)\n"
+        "print('FORMAT', sum(format_reward(s.text, {}) for s in groups[0].samples))\n"
+    )
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split("FORMAT")[-1]) >= 4
+
 
 def _free_port() -> int:
     with socket.socket() as s:
