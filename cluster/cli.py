@@ -27,6 +27,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="YAML config file (sections: model, data, rollout, rewards, learner, sync, run, cluster)")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    verify = sub.add_parser(
+        "verify", help="score completions with one verifier",
+        description="Score completions with one verifier, as the reward workers do (separate process, "
+        "timeout). Each output line: {\"score\": float, \"error\": null | \"message\", \"info\": {...}}.",
+    )
+    verify.add_argument("--verifier", required=True, help="registered name, package.module:attr, or a name in --external")
+    verify.add_argument("--input", help="JSONL cases: each line a row with 'completion' and the verifier's fields ('-': stdin)")
+    verify.add_argument("--output", help="write JSONL scores here, in input order (default: stdout)")
+    verify.add_argument("--completion", help="one completion to score (instead of --input)")
+    verify.add_argument("--field", action="append", default=[], metavar="KEY=VALUE",
+                        help="a field of the one case (VALUE read as JSON if it parses); repeatable")
+    verify.add_argument("--args", help="JSON object of keyword arguments for the verifier")
+    verify.add_argument("--external", help='JSON object as rewards.external, e.g. {"mine": {"command": ["./v"]}}')
+    verify.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     return parser
 
 
@@ -41,9 +56,11 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     from cluster.driver import train
 
+    from rewards.api import VerifierError
+
     try:
         summary = train(cfg)
-    except (DatasetError, FileNotFoundError) as e:
+    except (DatasetError, FileNotFoundError, VerifierError) as e:
         print(f"grpo: {e}", file=sys.stderr)
         return 2
     w = 5
@@ -61,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         return _train(args)
+    if args.command == "verify":
+        from rewards.verify_cli import main as verify_main
+
+        return verify_main(args)
     return 2
 
 

@@ -88,6 +88,8 @@ def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, An
     for name in groups[0].reward_parts:
         values = [v for g in groups for v in g.reward_parts[name]]
         out[f"rewards/{name}"] = sum(values) / len(values)
+    for stat in ("timeouts", "errors", "cache_hits"):
+        out[f"reward/{stat}"] = sum(g.reward_stats[stat] for g in groups)
     out["accuracy"] = out.get("rewards/accuracy", float("nan"))
     out["format_rate"] = out.get("rewards/format", float("nan"))
     out["kl"] = learner.get("train/kl", 0.0)
@@ -96,8 +98,20 @@ def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, An
     return out
 
 
+def preflight(cfg: Config) -> list[dict]:
+    """Everything that can be checked before an actor starts: the dataset's rows and
+    that every verifier named by import path imports."""
+    from rewards.api import is_import_path, resolve
+
+    rows = rl_rows(cfg.data)
+    for name in cfg.rewards.verifiers:
+        if is_import_path(name) and name not in cfg.rewards.external:
+            resolve(name)
+    return rows
+
+
 def train(cfg: Config, log=print) -> dict[str, Any]:
-    rows = rl_rows(cfg.data)  # a bad dataset fails here, before any actor starts
+    rows = preflight(cfg)
     run_dir = make_run_dir(cfg)
     log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, log)

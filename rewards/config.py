@@ -1,26 +1,77 @@
 """Config section owned by rewards/. Imports only pydantic: cheap to import."""
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from rollout.config import Section
 
 
+class VerifierSpec(Section):
+    weight: float = 1.0
+    """Weight of this verifier's score in the total reward."""
+    args: dict[str, Any] = {}
+    """Keyword arguments passed to the verifier on every call."""
+    timeout_s: float | None = Field(None, gt=0)
+    """Wall-clock limit of one call (default: rewards.timeout_s)."""
+
+
+class ExternalVerifier(Section):
+    """A verifier outside Python's reach: a program speaking length-prefixed msgpack
+    on stdin/stdout (`command`) or a TCP server speaking it (`address`)."""
+
+    command: list[str] | None = None
+    address: str | None = None
+    """host:port"""
+    verifier: str | None = None
+    """The name sent in requests (default: this entry's name)."""
+
+    @model_validator(mode="after")
+    def _one(self) -> "ExternalVerifier":
+        if (self.command is None) == (self.address is None):
+            raise ValueError("set exactly one of command or address")
+        if self.address is not None and ":" not in self.address:
+            raise ValueError(f"address {self.address!r} is not host:port")
+        return self
+
+
 class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
-    """Reward-worker actors; groups are spread over them."""
-    verifiers: dict[str, float] = {"accuracy": 1.0, "format": 0.2}
-    """Verifier name -> weight. The total reward is the weighted sum; each verifier's
-    own score is logged as rewards/<name>."""
+    """Reward-worker actors; each generator's groups go to one of them."""
+    verifiers: dict[str, float | VerifierSpec] = {"accuracy": 1.0, "format": 0.2}
+    """Verifier -> weight, or -> {weight, args, timeout_s}. A verifier is a registered
+    name (rewards/verifiers.py), a `package.module:attr` import path, or a name under
+    `external`. The total reward is the weighted sum; each score is logged as rewards/<name>."""
+    external: dict[str, ExternalVerifier] = {}
+    """External verifier programs or servers, by the name used in `verifiers`."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Wall-clock limit of one verifier call: past it the process is killed and replaced,
+    and the sample scores 0 (counted in reward/timeouts)."""
+    memory_mb: int = Field(4096, ge=64)
+    """Address-space limit of each verifier process."""
+    cache_size: int = Field(100_000, ge=0)
+    """Scores remembered per worker, keyed by (verifier, completion, fields)."""
 
     @field_validator("verifiers")
     @classmethod
-    def _known(cls, value: dict[str, float]) -> dict[str, float]:
-        from rewards.verifiers import VERIFIERS
-
-        unknown = sorted(set(value) - set(VERIFIERS))
-        if unknown:
-            raise ValueError(f"unknown verifier(s) {unknown}; registered: {sorted(VERIFIERS)}")
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
         if not value:
             raise ValueError("at least one verifier is needed")
         return value
+
+    @model_validator(mode="after")
+    def _known(self) -> "RewardConfig":
+        from rewards.verifiers import VERIFIERS
+
+        for name in self.verifiers:
+            if name not in VERIFIERS and name not in self.external and ":" not in name:
+                raise ValueError(
+                    f"verifiers.{name}: unknown verifier; registered: {sorted(VERIFIERS)}, "
+                    "an import path package.module:attr, or a name under rewards.external"
+                )
+        return self
+
+    def spec(self, name: str) -> VerifierSpec:
+        value = self.verifiers[name]
+        return value if isinstance(value, VerifierSpec) else VerifierSpec(weight=value)

@@ -1,61 +1,214 @@
-"""Built-in verifiers, registered by name.
+"""Built-in verifiers, registered by short name. The signature is in rewards/api.py.
 
-A verifier is `fn(completion: str, row: dict) -> float`: the completion text and the
-dataset row (its `answer` and any other fields). Pure and cheap to import.
+accuracy   exact match of the extracted answer (numbers as exact rationals): cheap
+math       math-verify equivalence (LaTeX, sets, intervals, matrices, relations, ...)
+format     exactly one <think>...</think> then exactly one <answer>...</answer>
+countdown  an arithmetic expression over the row's `numbers` that hits its `target`
+code       the answer's python program against the row's `tests`, in a sandbox
+overlong   DAPO's soft overlong punishment (needs `max_tokens`, `buffer` args)
+repetition minus the share of repeated n-grams
+language   R1's language consistency: share of the chain of thought in one script
 """
 from __future__ import annotations
 
+import ast
 import re
+import unicodedata
 from fractions import Fraction
-from typing import Callable
+from typing import Any, Callable
 
-Verifier = Callable[[str, dict], float]
-VERIFIERS: dict[str, Verifier] = {}
+from rewards.api import Score
+
+VERIFIERS: dict[str, Callable[..., Any]] = {}
 
 
-def register(name: str) -> Callable[[Verifier], Verifier]:
-    def deco(fn: Verifier) -> Verifier:
+def register(name: str) -> Callable:
+    def deco(fn):
+        if name in VERIFIERS:
+            raise ValueError(f"verifier {name!r} is already registered")
         VERIFIERS[name] = fn
         return fn
 
     return deco
 
 
+# ------------------------------------------------------------ answer extraction
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-_FORMAT = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*", re.DOTALL)
+_TAG_FREE = r"(?:(?!</?think>|</?answer>).)*"
+_FORMAT = re.compile(rf"\s*<think>{_TAG_FREE}</think>\s*<answer>{_TAG_FREE}</answer>\s*", re.DOTALL)
+
+
+def strip_thinking(completion: str) -> str:
+    """The completion without its <think> blocks (an unclosed <think> runs to the end)."""
+    text = _THINK_BLOCK.sub(" ", completion)
+    cut = text.find("<think>")
+    return text if cut < 0 else text[:cut]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
 
 
 def extract_answer(completion: str) -> str | None:
-    """The content of the last <answer>...</answer> outside <think>, stripped."""
-    found = _ANSWER.findall(_THINK_BLOCK.sub("", completion))
-    return found[-1].strip() if found else None
+    """The last <answer>...</answer>'s content, else the last \\boxed{...}; never text
+    inside <think>. Stripped; None when there is neither."""
+    visible = strip_thinking(completion)
+    found = _ANSWER.findall(visible)
+    answer = found[-1] if found else last_boxed(visible)
+    return None if answer is None else answer.strip()
 
 
 def _number(text: str) -> Fraction | None:
-    text = text.strip().replace(",", "")
     try:
-        return Fraction(text)
+        return Fraction(text.strip().replace(",", ""))
     except (ValueError, ZeroDivisionError):
         return None
 
 
+# ------------------------------------------------------------------- verifiers
 @register("format")
-def format_reward(completion: str, row: dict) -> float:
-    """1 for exactly one <think>...</think> then exactly one <answer>...</answer>,
-    only whitespace around them; else 0."""
+def format_reward(completion: str, fields: dict) -> float:
     return 1.0 if _FORMAT.fullmatch(completion) else 0.0
 
 
 @register("accuracy")
-def accuracy_reward(completion: str, row: dict) -> float:
-    """1 when the extracted answer equals the row's `answer` (numbers compared as
-    exact rationals, anything else as stripped text); else 0."""
+def accuracy_reward(completion: str, fields: dict) -> float:
     answer = extract_answer(completion)
     if not answer:
         return 0.0
-    expected = str(row["answer"]).strip()
+    expected = str(fields["answer"]).strip()
     a, b = _number(answer), _number(expected)
     if a is not None and b is not None:
         return float(a == b)
     return float(answer == expected)
+
+
+def _math_parse(text: str):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    # math-verify's own (signal-based) timeouts stay on; the worker's kill is the backstop
+    # for what a signal cannot interrupt.
+    parsed = parse(f"${text}$", extraction_config=configs)
+    return parsed or parse(text, extraction_config=configs)
+
+
+@register("math")
+def math_reward(completion: str, fields: dict) -> Score:
+    """math-verify equivalence of the extracted answer and the row's `answer`."""
+    from math_verify import verify
+
+    answer = extract_answer(completion)
+    if not answer:
+        return Score(0.0, {"reason": "no answer"})
+    gold, pred = _math_parse(str(fields["answer"])), _math_parse(answer)
+    if not gold:
+        raise ValueError(f"the row's answer {fields['answer']!r} could not be parsed")
+    if not pred:
+        return Score(0.0, {"reason": "unparsable answer"})
+    return Score(float(verify(gold, pred)), {"parsed": str(pred[0])[:200]})
+
+
+_COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+                  ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+
+def _eval_countdown(node: ast.AST, used: list[int]) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _eval_countdown(node.body, used)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        used.append(node.value)
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:
+        left, right = _eval_countdown(node.left, used), _eval_countdown(node.right, used)
+        return _COUNTDOWN_OPS[type(node.op)](left, right)  # ZeroDivisionError -> caller
+    what = type(node.op if isinstance(node, (ast.BinOp, ast.UnaryOp)) else node).__name__
+    raise ValueError(f"{what} is not allowed (only integers, + - * / and parentheses)")
+
+
+@register("countdown")
+def countdown_reward(completion: str, fields: dict) -> Score:
+    """1 when the answer is an expression using each of `numbers` exactly once that
+    evaluates exactly (rationals) to `target`. Parsed with an AST whitelist, never eval."""
+    answer = extract_answer(completion)
+    if not answer or len(answer) > 500:
+        return Score(0.0, {"reason": "no answer" if not answer else "too long"})
+    expr = answer.split("=")[0]
+    try:
+        used: list[int] = []
+        value = _eval_countdown(ast.parse(expr, mode="eval"), used)
+    except ZeroDivisionError:
+        return Score(0.0, {"reason": "division by zero"})
+    except (SyntaxError, ValueError) as e:
+        return Score(0.0, {"reason": str(e)[:200]})
+    if sorted(used) != sorted(int(n) for n in fields["numbers"]):
+        return Score(0.0, {"reason": f"numbers used {sorted(used)} are not {sorted(fields['numbers'])}"})
+    return Score(float(value == Fraction(fields["target"])), {"value": str(value)})
+
+
+@register("code")
+def code_reward(completion: str, fields: dict, **limits) -> Score:
+    """Share of the row's `tests` ({"input", "output"}) the program passes; the program
+    is the last ```python block of the answer (or of the completion)."""
+    from rewards.sandbox import extract_program, run_tests
+
+    program = extract_program(extract_answer(completion) or "") or extract_program(strip_thinking(completion))
+    if program is None:
+        return Score(0.0, {"reason": "no python block"})
+    passed, info = run_tests(program, fields["tests"], **limits)
+    return Score(passed / max(len(fields["tests"]), 1), info)
+
+
+# --------------------------------------------------------------------- shaping
+@register("overlong")
+def overlong_penalty(completion: str, fields: dict, max_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_tokens - buffer, then linearly
+    down to -1 at max_tokens, -1 beyond."""
+    length = int(fields["completion_tokens"])
+    if length <= max_tokens - buffer:
+        return 0.0
+    if length <= max_tokens:
+        return (max_tokens - buffer - length) / buffer
+    return -1.0
+
+
+@register("repetition")
+def repetition_penalty(completion: str, fields: dict, n: int = 3, unit: str = "word") -> float:
+    """Minus the share of n-grams (of words, or of characters) that repeat an earlier one."""
+    items = completion.split() if unit == "word" else list(completion)
+    grams = [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
+    if not grams:
+        return 0.0
+    return -(1.0 - len(set(grams)) / len(grams))
+
+
+_SCRIPTS = {"latin": ("LATIN",), "cyrillic": ("CYRILLIC",), "greek": ("GREEK",), "arabic": ("ARABIC",),
+            "cjk": ("CJK", "HIRAGANA", "KATAKANA", "HANGUL")}
+
+
+@register("language")
+def language_consistency(completion: str, fields: dict, script: str = "latin") -> float:
+    """R1's language consistency reward: the share of the words in the chain of thought
+    (inside <think>) whose letters are all in the target script."""
+    prefixes = _SCRIPTS[script]
+    thought = " ".join(m[len("<think>"): -len("</think>")] for m in _THINK_BLOCK.findall(completion))
+    words = [w for w in re.findall(r"\w+", thought) if any(ch.isalpha() for ch in w)]
+    if not words:
+        return 0.0
+    in_script = sum(
+        all(unicodedata.name(ch, "").startswith(prefixes) for ch in w if ch.isalpha()) for w in words
+    )
+    return in_script / len(words)

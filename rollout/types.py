@@ -32,6 +32,8 @@ class Group:
     """Total reward per sample, filled by the reward workers."""
     reward_parts: dict[str, list[float]] | None = None
     """Per-verifier scores (unweighted) per sample."""
+    reward_stats: dict[str, int] | None = None
+    """Verifier calls that timed out / failed / were answered from the cache."""
 
 
 def num_completion_tokens(groups: list[Group]) -> int:

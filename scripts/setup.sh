@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${GRPO_EXTRA:-cpu}"
+# bubblewrap sandboxes model-written code (the `code` verifier); without it that
+# verifier falls back to process limits only. Installed where we may (root + apt).
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }) \
+        || echo "setup: could not install bubblewrap; the code verifier will use process limits only" >&2
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.grpo-installed
 want="$(sha256sum pyproject.toml | cut -c1-16)-$extra"

@@ -1,0 +1,62 @@
+"""A verifier process: `python -m rewards.child SPECS_JSON` serves the verifiers named
+in SPECS_JSON ({name: {"target": registered name or module:attr, "args": {...}}})
+over stdin/stdout with the frame protocol of rewards/protocol.py.
+
+The reward worker runs every verifier call in such a child so that a hang (killed
+on a wall-clock timeout), a crash or a memory blow-up costs one sample, not the run.
+External verifiers in any language speak the same protocol.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import traceback
+
+from rewards.api import resolve, run_one
+from rewards.protocol import ProtocolError, check_request, read_frame, write_frame
+
+
+def serve(specs: dict[str, dict], stdin, stdout) -> None:
+    verifiers = {name: (resolve(spec["target"]), spec.get("args") or {}) for name, spec in specs.items()}
+    while True:
+        try:
+            request = read_frame(stdin)
+        except ProtocolError as e:
+            write_frame(stdout, {"id": -1, "score": 0.0, "info": {}, "error": f"protocol: {e}"})
+            return
+        if request is None:
+            return
+        try:
+            check_request(request)
+            fn, args = verifiers[request["verifier"]]
+            score = run_one(fn, request["completion"], request.get("fields") or {}, args)
+            response = {"id": request["id"], "score": score.value, "info": score.info, "error": None}
+        except KeyError:
+            response = {"id": request.get("id"), "score": 0.0, "info": {},
+                        "error": f"unknown verifier {request.get('verifier')!r}"}
+        except Exception as e:  # the verifier's own failure: reported, never fatal
+            tb = traceback.format_exception_only(type(e), e)[-1].strip()
+            response = {"id": request.get("id"), "score": 0.0, "info": {}, "error": tb[:2000]}
+        try:
+            write_frame(stdout, response)
+        except (ProtocolError, TypeError, ValueError) as e:  # info that msgpack cannot carry
+            write_frame(stdout, {"id": request["id"], "score": 0.0, "info": {}, "error": f"bad result: {e}"})
+
+
+def main() -> None:
+    specs = json.loads(sys.argv[1])
+    memory_mb = int(os.environ.get("GRPO_VERIFIER_MEMORY_MB", "0"))
+    if memory_mb:
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # The protocol owns the real stdout; anything a verifier prints goes to stderr.
+    protocol_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(specs, sys.stdin.buffer, protocol_out)
+
+
+if __name__ == "__main__":
+    main()

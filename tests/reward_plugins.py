@@ -1,0 +1,26 @@
+"""Misbehaving verifiers for the reward-worker tests (named by import path)."""
+import os
+import time
+
+
+def crash(completion: str, fields: dict) -> float:
+    if "crash" in completion:
+        os._exit(3)
+    return 1.0
+
+
+def raises(completion: str, fields: dict) -> float:
+    if "raise" in completion:
+        raise RuntimeError("verifier bug")
+    return 1.0
+
+
+def sleepy(completion: str, fields: dict) -> float:
+    if "sleep" in completion:
+        time.sleep(60)
+    return 1.0
+
+
+def chatty(completion: str, fields: dict) -> float:
+    print("verifiers that print must not corrupt the protocol")
+    return 0.5

@@ -1,0 +1,185 @@
+"""The reward worker: isolated verifier processes, timeouts, crashes, the code
+sandbox, external verifiers over msgpack, the cache."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from rewards.config import RewardConfig
+from rewards.peer import ProcessPeer
+from rewards.sandbox import sandbox_mode
+from rewards.worker import RewardWorker
+from rollout.types import Group, Sample
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "external_verifier.py")
+
+
+def group(completions, **row):
+    return Group([1], "p", row, [Sample([1] * 3, [0.0] * 3, c, "stop", 0) for c in completions])
+
+
+def make(verifiers, **kw):
+    return RewardWorker(RewardConfig(verifiers=verifiers, **kw))
+
+
+def test_weighted_sum_and_parts():
+    w = make({"accuracy": 1.0, "format": 0.5})
+    [g] = w.score([group(["<think>x</think><answer>4</answer>", "<answer>4</answer>", "<think>x</think><answer>5</answer>"], answer="4")])
+    assert g.reward_parts == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0]}
+    assert g.rewards == [1.5, 1.0, 0.5]
+    assert g.reward_stats == {"timeouts": 0, "errors": 0, "cache_hits": 0}
+    w.close()
+
+
+def test_math_blowup_times_out_and_costs_one_sample():
+    w = make({"math": {"weight": 1.0, "timeout_s": 3.0}})
+    t0 = time.perf_counter()
+    [g] = w.score([group(["<answer>2</answer>", "<answer>9^{9^{9^{9}}}</answer>", "<answer>2</answer>"], answer="2")])
+    elapsed = time.perf_counter() - t0
+    assert g.rewards == [1.0, 0.0, 1.0]
+    assert g.reward_stats["timeouts"] == 1 and w.restarts() == 1
+    assert elapsed < 3.0 + 20  # one timeout plus two verifier-process start-ups
+    w.close()
+
+
+def test_countdown_power_tower_is_rejected_without_evaluating():
+    w = make({"countdown": 1.0})
+    t0 = time.perf_counter()
+    [g] = w.score([group(["<answer>9**9**9**9</answer>", "<answer>9*9-9*9</answer>"], numbers=[9, 9, 9, 9], target=0)])
+    assert g.rewards == [0.0, 1.0] and g.reward_stats["timeouts"] == 0
+    assert time.perf_counter() - t0 < 10
+    w.close()
+
+
+def test_crash_raise_and_print_are_contained():
+    w = make({"tests.reward_plugins:crash": 1.0, "tests.reward_plugins:raises": 1.0, "tests.reward_plugins:chatty": 1.0})
+    [g] = w.score([group(["fine", "crash now", "raise now", "fine again"])])
+    assert g.reward_parts["tests.reward_plugins:crash"] == [1.0, 0.0, 1.0, 1.0]
+    # the next call after the crash runs in a fresh process
+    assert g.reward_parts["tests.reward_plugins:raises"] == [1.0, 1.0, 0.0, 1.0]
+    assert g.reward_parts["tests.reward_plugins:chatty"] == [0.5, 0.5, 0.5, 0.5]
+    assert g.reward_stats["errors"] == 2
+    assert w.restarts() == 1
+    w.close()
+
+
+def test_cache_answers_repeated_samples():
+    w = make({"tests.reward_plugins:sleepy": {"weight": 1.0, "timeout_s": 1.0}})
+    groups = w.score([group(["a", "a", "a"])])
+    assert groups[0].reward_stats["cache_hits"] == 2 and groups[0].rewards == [1.0, 1.0, 1.0]
+    [g] = w.score([group(["sleep", "sleep"])])  # timeouts are not cached: both cost their sample
+    assert g.reward_stats["timeouts"] == 2 and g.rewards == [0.0, 0.0]
+    w.close()
+
+
+def _leftover_processes(marker: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            found.append(cmd)
+    return found
+
+
+def code_answer(body: str) -> str:
+    return f"<think>t</think><answer>```python\n{body}\n```</answer>"
+
+
+def test_code_scores_fraction_of_tests():
+    tests = [{"input": "2 3\n", "output": "5"}, {"input": "1 1\n", "output": "2\n"}, {"input": "0 0", "output": "1"}]
+    w = make({"code": {"weight": 1.0, "timeout_s": 60}})
+    [g] = w.score([group([code_answer("a, b = map(int, input().split())\nprint(a + b)"), "no program"], tests=tests)])
+    assert g.rewards == pytest.approx([2 / 3, 0.0])
+    w.close()
+
+
+def test_code_sandbox_contains_hostile_programs(tmp_path):
+    marker = f"grpo_marker_{uuid.uuid4().hex}"
+    outside = tmp_path / f"{marker}.txt"
+    os.chmod(tmp_path, 0o777)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    programs = {
+        "loop": f"# {marker}\nwhile True:\n    pass",
+        "memory": f"# {marker}\nx = bytearray(8 * 1024 ** 3)\nprint('ok')",
+        "children": (f"import subprocess, sys\nps = [subprocess.Popen([sys.executable, '-c', "
+                     f"'import time; time.sleep(300)  # {marker}']) for _ in range(3)]\n[p.wait() for p in ps]\nprint('ok')"),
+        "write": f"open({str(outside)!r}, 'w').write('escaped')\nprint('ok')",
+        "socket": (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                   f"s.sendall(b'{marker}')\nprint('ok')"),
+    }
+    w = make({"code": {"weight": 1.0, "timeout_s": 60, "args": {"timeout_s": 3, "cpu_s": 2, "memory_mb": 256}}})
+    # a program that leaves sleeping children behind and exits: correct output, nothing left over
+    orphans = (f"import subprocess, sys\nfor _ in range(3):\n    subprocess.Popen([sys.executable, '-c', "
+               f"'import time; time.sleep(300)  # {marker}'], start_new_session=True)\nprint('ok')")
+    completions = [code_answer(p) for p in programs.values()] + [code_answer(orphans)]
+    [g] = w.score([group(completions, tests=[{"input": "", "output": "ok"}])])
+    info = dict(zip([*programs, "orphans"], g.reward_parts["code"]))
+    assert sandbox_mode() == "bwrap", "bubblewrap is expected on this machine (scripts/setup.sh installs it)"
+    assert info == {**{name: 0.0 for name in programs}, "orphans": 1.0}
+    assert not outside.exists()
+    with pytest.raises(socket.timeout):
+        listener.accept()
+    listener.close()
+    time.sleep(0.5)
+    assert _leftover_processes(marker) == []
+    assert not [d for d in os.listdir("/tmp") if d.startswith("grpo-code-")]
+    w.close()
+
+
+def test_external_verifier_over_stdio_and_tcp():
+    port_sock = socket.socket()
+    port_sock.bind(("127.0.0.1", 0))
+    port = port_sock.getsockname()[1]
+    port_sock.close()
+    server = subprocess.Popen([sys.executable, EXAMPLE, "--port", str(port)])
+    try:
+        for _ in range(50):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        w = make({"exact": 1.0, "exact_tcp": 0.5, "format": 0.1},
+                 external={"exact": {"command": [sys.executable, EXAMPLE]},
+                           "exact_tcp": {"address": f"127.0.0.1:{port}", "verifier": "exact"}})
+        [g] = w.score([group(["<think>a</think><answer>42</answer>", "<answer>41</answer>"], answer="42")])
+        assert g.reward_parts == {"exact": [1.0, 0.0], "exact_tcp": [1.0, 0.0], "format": [1.0, 0.0]}
+        assert g.rewards == pytest.approx([1.6, 0.0])
+        w.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize(
+    "script, fragment",
+    [
+        ("import sys; sys.stdin.buffer.read(4); sys.stdout.buffer.write(b'\\x00\\x00\\x00\\x05garba'); sys.stdout.flush(); import time; time.sleep(9)", "malformed"),
+        ("import sys; sys.stdin.buffer.read(4); sys.stdout.buffer.write(b'\\x7f\\xff\\xff\\xff'); sys.stdout.flush(); import time; time.sleep(9)", "exceeds the limit"),
+        ("import sys; sys.exit(0)", "closed the stream"),
+    ],
+)
+def test_bad_peers_are_rejected_and_restarted(script, fragment):
+    peer = ProcessPeer([sys.executable, "-c", script])
+    first = peer.call("v", "text", {}, timeout_s=5)
+    assert first["kind"] == "error" and fragment in first["error"], first
+    second = peer.call("v", "text", {}, timeout_s=5)  # a fresh process answers (and fails the same way)
+    assert second["kind"] == "error" and peer.restarts == 2
+    peer.close()
+
+
+def test_oversized_request_is_rejected_before_sending():
+    peer = ProcessPeer([sys.executable, EXAMPLE], max_frame=1000)
+    result = peer.call("exact", "x" * 5000, {"answer": "1"}, timeout_s=5)
+    assert result["kind"] == "error" and "exceeds the limit" in result["error"]
+    assert peer.call("exact", "<answer>1</answer>", {"answer": "1"}, timeout_s=5)["score"] == 1.0
+    peer.close()
