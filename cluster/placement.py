@@ -97,7 +97,7 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> list
             runtime_env={"env_vars": _thread_env(cfg.cluster)},
         ).remote(
             model_path, cfg.learner, rank, n, master_addr, master_port,
-            sequences_per_step, cfg.rollout.temperature, dist_backend,
+            sequences_per_step, cfg.run.steps, cfg.rollout.temperature, dist_backend,
         )
         for rank in range(n)
     ]

@@ -41,12 +41,16 @@ class ModelConfig(Section):
 class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     """Learner ranks (Ray actors in one placement group); the batch is split across them."""
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(7e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, ge=0)
     """Max global gradient norm; 0 disables clipping."""
     warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up from lr / (warmup_steps + 1) to lr."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """After warm-up: constant, or cosine decay to min_lr_ratio * lr at the last step."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     zero_stage: int = Field(0, ge=0, le=3)
     dtype: Literal["float32", "bfloat16"] = "float32"
     micro_batch_size: int = Field(64, ge=1)

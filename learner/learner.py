@@ -6,6 +6,7 @@ Rank 0 also streams the new weights to the generators (learner/broadcast.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -79,6 +80,19 @@ def deepspeed_config(cfg: LearnerConfig, micro: int, accumulation: int, world: i
     }
 
 
+def lr_factor(step: int, cfg: LearnerConfig, total: int) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up (the
+    first step already uses lr / (warmup + 1), never 0), then constant or cosine
+    decay reaching min_lr_ratio at the last of `total` steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(total - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class Learner:
     def __init__(
         self,
@@ -89,6 +103,7 @@ class Learner:
         master_addr: str,
         master_port: int,
         sequences_per_step: int,
+        total_steps: int,
         temperature: float,
         dist_backend: str = "gloo",
     ) -> None:
@@ -110,14 +125,12 @@ class Learner:
         per_update = math.ceil(sequences_per_step / world_size / cfg.updates_per_step)
         self.micro = min(cfg.micro_batch_size, per_update)
         self.accumulation = math.ceil(per_update / self.micro)
-        warmup = cfg.warmup_steps
+        schedule = functools.partial(lr_factor, cfg=cfg, total=total_steps * cfg.updates_per_step)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, self.micro, self.accumulation, world_size),
-            # Linear warm-up over `warmup` optimizer steps, then constant; the first
-            # step already uses lr / (warmup + 1), never 0.
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1))),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.ref = None
         if cfg.kl_coef > 0:

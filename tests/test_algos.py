@@ -76,3 +76,17 @@ def test_build_batch_masks_exactly_the_completion_targets():
     assert b.loss_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
     assert torch.allclose(b.sampler_logprobs, torch.tensor([[0, 0, -0.1, -0.2], [0, 0, -0.3, 0]]))
     assert b.advantages.tolist() == [1.0, -1.0]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from learner.config import LearnerConfig
+    from learner.learner import lr_factor
+
+    cfg = LearnerConfig(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg, total=7) for s in range(7)]
+    # warm-up 1/3, 2/3; then cosine over steps 2..6 (span 4): 1, (1+cos(pi/4))/2 scaled, ..., 0.1
+    expected_mid = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert factors[3] == pytest.approx(expected_mid) and factors[4] == pytest.approx(0.55)
+    assert factors[6] == pytest.approx(0.1)
+    assert lr_factor(5, LearnerConfig(lr_schedule="constant"), total=7) == 1.0

@@ -1,5 +1,6 @@
 """The reward worker: isolated verifier processes, timeouts, crashes, the code
 sandbox, external verifiers over msgpack, the cache."""
+import json
 import os
 import socket
 import subprocess
@@ -183,3 +184,34 @@ def test_oversized_request_is_rejected_before_sending():
     assert result["kind"] == "error" and "exceeds the limit" in result["error"]
     assert peer.call("exact", "<answer>1</answer>", {"answer": "1"}, timeout_s=5)["score"] == 1.0
     peer.close()
+
+
+def test_grpo_verify_cli_keeps_order_and_reports_errors(tmp_path):
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(
+        '{"completion": "<answer>\\\\frac{1}{2}</answer>", "answer": "0.5"}\n'
+        '{"completion": "<answer>3</answer>", "answer": "0.5"}\n'
+        '{"completion": "crash", "answer": "1"}\n'
+        '{"completion": "<answer>1</answer>", "answer": "1"}\n'
+    )
+    out = tmp_path / "scores.jsonl"
+    cmd = [sys.executable, "-m", "cluster.cli", "verify", "--verifier", "tests.reward_plugins:crash"]
+    proc = subprocess.run(cmd + ["--input", str(cases), "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["score"] for r in rows] == [1.0, 1.0, 0.0, 1.0]
+    assert rows[2]["error"] and ("exited" in rows[2]["error"] or "closed" in rows[2]["error"])
+    assert [r["error"] for r in rows[:2] + rows[3:]] == [None, None, None]
+
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "verify", "--verifier", "math", "--input", str(cases)],
+                          capture_output=True, text=True, timeout=120)
+    assert [json.loads(line)["score"] for line in proc.stdout.splitlines()] == [1.0, 0.0, 0.0, 1.0]
+
+    one = subprocess.run([sys.executable, "-m", "cluster.cli", "verify", "--verifier", "countdown",
+                          "--completion", "<answer>(1+2)*3</answer>", "--field", "numbers=[1,2,3]", "--field", "target=9"],
+                         capture_output=True, text=True, timeout=120)
+    assert json.loads(one.stdout) == {"score": 1.0, "error": None, "info": {"value": "9"}}
+
+    cases.write_text('{"completion": "x"}\n{"nope": 1}\n')
+    bad = subprocess.run(cmd + ["--input", str(cases)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and f"{cases}:2: each line must be an object with a string 'completion'" in bad.stderr

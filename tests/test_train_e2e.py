@@ -46,7 +46,7 @@ def test_grpo_train_cli_trains_every_parameter(out_dir):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["policy_version"] for r in rows] == [0, 1, 2]  # each step samples the previous update's weights
     for r in rows:
-        for key in ("reward_mean", "accuracy", "format_rate", "response_length", "kl", "clip_frac",
+        for key in ("reward_mean", "accuracy", "format_rate", "response_length", "kl", "clip_frac", "reward/timeouts", "reward/errors",
                     "gen_tokens_per_s", "time/generate", "time/reward", "time/train", "time/sync"):
             assert key in r, key
         assert 0.0 <= r["accuracy"] <= 1.0 and r["response_length"] > 0 and r["gen_tokens_per_s"] > 0
