@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 TRAIN_HELP = """\
 Run GRPO: generators (vLLM) -> reward workers -> DeepSpeed learner -> weights back.
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--config", help="YAML config file (sections: model, data, rollout, rewards, learner, sync, run, cluster)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its last checkpoint, with its config.yaml (overrides still apply)")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     verify = sub.add_parser(
@@ -49,6 +52,13 @@ def _train(args: argparse.Namespace) -> int:
     from cluster.config import ConfigError, load_config
     from cluster.data import DatasetError
 
+    resume = None
+    if args.resume:
+        resume = Path(args.resume)
+        if args.config or not (resume / "config.yaml").is_file():
+            print("grpo: --resume takes a run directory with its config.yaml, and no --config", file=sys.stderr)
+            return 2
+        args.config = resume / "config.yaml"
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
@@ -59,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
     from rewards.api import VerifierError
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, resume=resume)
     except (DatasetError, FileNotFoundError, VerifierError) as e:
         print(f"grpo: {e}", file=sys.stderr)
         return 2

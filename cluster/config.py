@@ -43,11 +43,19 @@ class RunConfig(Section):
     name: str | None = None
     """Run directory name; default: a timestamp."""
     checkpoint_every: int = Field(0, ge=0)
-    """Export the policy every K steps (0: only the final checkpoint)."""
+    """Every K steps save a resumable checkpoint: DeepSpeed state (optimizer included),
+    run state and an HF export (0: only the final HF export)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Keep the last M checkpoints."""
     seed: int = 0
     """Seeds sampling: step s uses seed + s, so a run is reproducible."""
     progress: bool = True
     """Show a progress bar."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and
+    sample more prompts until the batch is full."""
+    max_sampling_rounds: int = Field(3, ge=1)
+    """Cap on sampling rounds per step with dynamic sampling (then train on what there is)."""
 
 
 class ClusterConfig(Section):
@@ -79,13 +87,16 @@ class Config(Section):
     def _consistent(self) -> "Config":
         if self.sync.backend == "nccl" and (self.cluster.generator_gpus == 0 or self.cluster.learner_gpus == 0):
             raise ValueError("sync.backend=nccl needs GPUs: set cluster.generator_gpus and cluster.learner_gpus")
-        sequences = self.run.prompts_per_step * self.rollout.n
-        if sequences % self.learner.num_ranks:
+        if self.run.prompts_per_step % self.learner.num_ranks:
             raise ValueError(
-                f"learner.num_ranks={self.learner.num_ranks} must divide run.prompts_per_step * rollout.n = {sequences}"
+                f"learner.num_ranks={self.learner.num_ranks} must divide run.prompts_per_step={self.run.prompts_per_step}"
+                " (each rank trains on whole groups)"
             )
         if self.run.prompts_per_step < self.rollout.num_generators:
             raise ValueError("run.prompts_per_step must be >= rollout.num_generators")
+        if self.learner.zero_stage == 3 and self.learner.num_ranks > 1 and self.run.dynamic_sampling:
+            raise ValueError("run.dynamic_sampling with learner.zero_stage=3 on several ranks is not supported yet "
+                             "(ZeRO-3 ranks must run the same number of micro-batches)")
         if self.data.path is None and self.data.task is None:
             raise ValueError("data: set data.task or data.path")
         return self

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from cluster import placement
+from cluster import checkpoint, placement
 from cluster.config import Config, dump_config
 from cluster.data import PromptStream, rl_rows
 from cluster.metrics import MetricsLog, plot, summarize
@@ -39,6 +39,12 @@ def split(items: list, parts: int) -> list[list]:
     return out
 
 
+def shard_bounds(count: int, parts: int) -> list[tuple[int, int]]:
+    """(start, stop) of each part when `count` items are split as `split` does."""
+    sizes = [len(p) for p in split(list(range(count)), parts)]
+    return [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(parts)]
+
+
 def make_run_dir(cfg: Config) -> Path:
     name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir) / name
@@ -53,11 +59,12 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     actors = Actors(
         placement.make_generators(model_path, cfg),
         placement.make_reward_workers(cfg),
-        placement.make_learners(model_path, cfg, sequences),
+        placement.make_learners(model_path, cfg, sequences)[0],
     )
     ray.get([a.ready.remote() for a in actors.generators + actors.rewarders + actors.learners])
     worlds = ray.get([g.engine_world_size.remote() for g in actors.generators])
-    ray.get(actors.learners[0].connect_generators.remote(actors.generators, worlds, cfg.sync))
+    ray.get([lrn.connect_generators.remote(actors.generators if rank == 0 else None, worlds, cfg.sync)
+             for rank, lrn in enumerate(actors.learners)])
     return actors
 
 
@@ -74,6 +81,32 @@ def rollout_and_score(actors: Actors, prompts: list[dict], seed: int) -> tuple[l
     t_gen = time.perf_counter() - t0
     groups = [g for part in ray.get(score_refs) for g in part]
     return groups, {"time/generate": t_gen, "time/reward": time.perf_counter() - t0 - t_gen}
+
+
+def collect_batch(actors: Actors, stream: PromptStream, cfg: Config, step: int) -> tuple[list[Group], list[Group], dict]:
+    """One step's groups -> (groups to train on, every group sampled, timings).
+
+    With run.dynamic_sampling (DAPO), groups whose rewards are all equal carry no
+    signal and are dropped; more prompts are sampled until prompts_per_step groups
+    remain or run.max_sampling_rounds rounds were spent."""
+    want = cfg.run.prompts_per_step
+    kept: list[Group] = []
+    sampled: list[Group] = []
+    info = {"time/generate": 0.0, "time/reward": 0.0, "sampling_rounds": 0, "groups_dropped": 0}
+    while True:
+        seed = cfg.run.seed * 100_003 + step + 1_000_003 * info["sampling_rounds"]
+        groups, times = rollout_and_score(actors, stream.take(want), seed)
+        info["time/generate"] += times["time/generate"]
+        info["time/reward"] += times["time/reward"]
+        info["sampling_rounds"] += 1
+        sampled += groups
+        if not cfg.run.dynamic_sampling:
+            return groups, sampled, info
+        useful = [g for g in groups if max(g.rewards) > min(g.rewards)]
+        info["groups_dropped"] += len(groups) - len(useful)
+        kept += useful
+        if len(kept) >= want or info["sampling_rounds"] >= cfg.run.max_sampling_rounds:
+            return kept[:want], sampled, info
 
 
 def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, Any]:
@@ -110,43 +143,68 @@ def preflight(cfg: Config) -> list[dict]:
     return rows
 
 
-def train(cfg: Config, log=print) -> dict[str, Any]:
+def train(cfg: Config, log=print, resume: Path | None = None) -> dict[str, Any]:
+    """Run (or, with `resume`, continue from the run directory's last checkpoint) a job."""
     rows = preflight(cfg)
-    run_dir = make_run_dir(cfg)
+    run_dir = resume or make_run_dir(cfg)
     log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, log)
     t_start = time.perf_counter()
     actors = start_actors(cfg, model_path)
     log(f"actors ready in {time.perf_counter() - t_start:.1f} s")
-    stream = PromptStream(rows, cfg.data.seed)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    bar = _progress(cfg)
-    for step in range(cfg.run.steps):
+    state = {"step": 0, "cursor": 0, "policy_version": 0}
+    if resume is not None:
+        found = checkpoint.latest(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        path, state = found
+        checkpoint.restore(actors.learners, path)
+        push_weights(actors, state["policy_version"])  # fresh generators serve the checkpoint
+        log(f"resumed from {path} (step {state['step']}, policy version {state['policy_version']})")
+    stream = PromptStream(rows, cfg.data.seed, cursor=state["cursor"])
+    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_steps=state["step"])
+    version = state["policy_version"]
+    bar = _progress(cfg, state["step"])
+    for step in range(state["step"], cfg.run.steps):
         t0 = time.perf_counter()
-        groups, times = rollout_and_score(actors, stream.take(cfg.run.prompts_per_step), cfg.run.seed * 100_003 + step)
+        groups, sampled, info = collect_batch(actors, stream, cfg, step)
         t1 = time.perf_counter()
-        shards = split(groups, len(actors.learners))
-        learner_metrics = ray.get([lrn.train_step.remote(s) for lrn, s in zip(actors.learners, shards)])[0]
+        learner_metrics = train_on(actors, groups) if groups else {}  # none: no group had signal
+        version += bool(groups)
         t2 = time.perf_counter()
-        ray.get(actors.learners[0].broadcast_weights.remote(step + 1))
+        if groups:
+            push_weights(actors, version)
         t3 = time.perf_counter()
-        row = {"step": step + 1, **step_metrics(groups, learner_metrics), **times}
+        row = {"step": step + 1, **step_metrics(sampled, learner_metrics), **info}
         row.update({"time/train": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
-        row["gen_tokens_per_s"] = num_completion_tokens(groups) / max(times["time/generate"], 1e-9)
+        row["gen_tokens_per_s"] = num_completion_tokens(sampled) / max(info["time/generate"], 1e-9)
         metrics.append(row)
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
-            ray.get(actors.learners[0].save_hf.remote(str(run_dir / f"checkpoint-{step + 1}")))
+            state = {"step": step + 1, "cursor": stream.cursor, "policy_version": version}
+            checkpoint.save(actors.learners, run_dir, state, cfg.run.keep_checkpoints)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}")
     bar.close()
-    final = ray.get(actors.learners[0].save_hf.remote(str((run_dir / "final").resolve())))
+    final = ray.get([lrn.save_hf.remote(str((run_dir / "final").resolve())) for lrn in actors.learners])[0]
     plot(metrics.rows, run_dir / "plot.png")
     summary = {**summarize(metrics.rows), "run_dir": str(run_dir), "checkpoint": final, "model_start": model_path}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _progress(cfg: Config):
+def train_on(actors: Actors, groups: list[Group]) -> dict[str, Any]:
+    """One update on every learner rank; each reads its shard of one shared copy."""
+    groups_ref = ray.put(groups)
+    bounds = shard_bounds(len(groups), len(actors.learners))
+    return ray.get([lrn.train_step.remote(groups_ref, b) for lrn, b in zip(actors.learners, bounds)])[0]
+
+
+def push_weights(actors: Actors, version: int) -> dict[str, float]:
+    return ray.get([lrn.broadcast_weights.remote(version) for lrn in actors.learners])[0]
+
+
+def _progress(cfg: Config, done: int):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.run.steps, desc="grpo", unit="step", disable=not cfg.run.progress, dynamic_ncols=True)
+    return tqdm(total=cfg.run.steps, initial=done, desc="grpo", unit="step", disable=not cfg.run.progress,
+                dynamic_ncols=True)

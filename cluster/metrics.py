@@ -7,9 +7,16 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, path: Path) -> None:
+    """metrics.jsonl of a run. keep_steps > 0 (a resume) keeps the rows of the steps
+    up to the checkpoint and drops any written after it (they are done again)."""
+
+    def __init__(self, path: Path, keep_steps: int = 0) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = []
+        if keep_steps and path.is_file():
+            old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in old if r["step"] <= keep_steps]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -73,14 +73,18 @@ def _address_and_port(local: bool) -> tuple[str, int]:
     return ("127.0.0.1" if local else get_ip()), get_open_port()
 
 
-def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> list[Any]:
-    """All learner ranks in one PACK placement group; rank 0 hosts the rendezvous."""
+def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tuple[list[Any], Any]:
+    """All learner ranks in one PACK placement group; rank 0 hosts the rendezvous.
+    -> (rank actors, the placement group: remove it to free their resources)."""
     n = cfg.learner.num_ranks
     bundle = {"CPU": cfg.cluster.learner_cpus}
     if cfg.cluster.learner_gpus:
         bundle["GPU"] = cfg.cluster.learner_gpus
     pg = placement_group([bundle] * n, strategy="PACK")
-    ray.get(pg.ready())
+    try:
+        ray.get(pg.ready(), timeout=600)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"the cluster cannot place {n} learner rank(s) of {bundle} (PACK) within 600 s") from None
     # Rank 0 hosts the DeepSpeed rendezvous: take an address and port on its node.
     master_addr, master_port = ray.get(
         _address_and_port.options(
@@ -89,7 +93,7 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> list
     )
     actor = ray.remote(Learner)
     dist_backend = "nccl" if cfg.cluster.learner_gpus else "gloo"
-    return [
+    learners = [
         actor.options(
             num_cpus=cfg.cluster.learner_cpus,
             num_gpus=cfg.cluster.learner_gpus,
@@ -97,7 +101,8 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> list
             runtime_env={"env_vars": _thread_env(cfg.cluster)},
         ).remote(
             model_path, cfg.learner, rank, n, master_addr, master_port,
-            sequences_per_step, cfg.run.steps, cfg.rollout.temperature, dist_backend,
+            sequences_per_step, cfg.run.steps, cfg.rollout.temperature, cfg.rollout.max_tokens, dist_backend,
         )
         for rank in range(n)
     ]
+    return learners, pg

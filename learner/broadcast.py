@@ -2,10 +2,13 @@
 generator over the dedicated group defined in rollout/weight_sync.py.
 
 Rank 0 of the learner is the sender (group rank 0). The same code runs on gloo (CPU)
-and nccl (GPU): only `WeightSyncConfig.backend` differs.
+and nccl (GPU): only `WeightSyncConfig.backend` differs. Under ZeRO-3 every rank
+runs `send`: each bucket is gathered (a collective), sent by rank 0, and freed, so
+the whole model is never gathered at once.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,8 +37,19 @@ def parameter_metas(module: torch.nn.Module) -> list[TensorMeta]:
     ]
 
 
+def _gathered(params: list[torch.nn.Parameter]):
+    """ZeRO-3: the full values of `params` inside the block (all ranks enter it)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 class WeightBroadcaster:
-    def __init__(self, module: torch.nn.Module, cfg: WeightSyncConfig, client: WeightSyncClient) -> None:
+    """client is None on the ranks that only join ZeRO-3's gathers (not the sender)."""
+
+    def __init__(self, module: torch.nn.Module, cfg: WeightSyncConfig, client: WeightSyncClient | None) -> None:
         self.module = module
         self.cfg = cfg
         self.client = client
@@ -63,23 +77,29 @@ class WeightBroadcaster:
     @torch.no_grad()
     def send(self, version: int) -> dict[str, float]:
         """Stream all parameters as packed buckets; generators serve `version` after."""
-        if self.group is None:
+        sender = self.client is not None
+        if sender and self.group is None:
             raise RuntimeError("WeightBroadcaster.connect() must run before send()")
         t0 = time.perf_counter()
         params = [p for _, p in self.module.named_parameters()]
         metas = parameter_metas(self.module)
-        self.client.start_weight_update()
-        # The generators' receive blocks inside the broadcasts: run it alongside.
-        receiving = self._pool.submit(self.client.update_weights, update_info(metas, self.bucket_bytes))
+        if sender:
+            self.client.start_weight_update()
+            # The generators' receive blocks inside the broadcasts: run it alongside.
+            receiving = self._pool.submit(self.client.update_weights, update_info(metas, self.bucket_bytes))
         nbytes = 0
         for bucket in plan_buckets(metas, self.bucket_bytes):
-            flat = pack([params[i].detach() for i in bucket])
-            if receiving.done():  # a generator failed before joining: surface it, don't hang
-                receiving.result()
-            broadcast(self.group, flat)
-            nbytes += flat.numel()
-        receiving.result(timeout=self.cfg.timeout_s)
-        self.client.finish_weight_update(version)
+            with _gathered([params[i] for i in bucket]):
+                if not sender:
+                    continue
+                flat = pack([params[i].detach() for i in bucket])
+                if receiving.done():  # a generator failed before joining: surface it, don't hang
+                    receiving.result()
+                broadcast(self.group, flat)
+                nbytes += flat.numel()
+        if sender:
+            receiving.result(timeout=self.cfg.timeout_s)
+            self.client.finish_weight_update(version)
         return {"sync/bytes": float(nbytes), "sync/seconds": time.perf_counter() - t0}
 
     def close(self) -> None:

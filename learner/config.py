@@ -61,11 +61,18 @@ class LearnerConfig(Section):
     """Advantage estimator, by registered name (learner/algos.py)."""
     policy_loss: str = "ppo_clip"
     """Policy loss, by registered name (learner/algos.py)."""
-    reduction: Literal["token_mean"] = "token_mean"
-    """How per-token losses become one number: mean over all tokens of the global batch."""
-    clip_eps: float = Field(0.2, gt=0)
+    reduction: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """How per-token losses become one number (learner/algos.py), over the global batch."""
+    clip_low: float = Field(0.2, gt=0)
+    """Ratio clipped below at 1 - clip_low."""
+    clip_high: float = Field(0.2, gt=0)
+    """Ratio clipped above at 1 + clip_high (DAPO's clip-higher: e.g. 0.28)."""
+    mask_truncated: bool = False
+    """Overlong filtering: samples cut at rollout.max_tokens contribute no loss."""
     adv_eps: float = Field(1e-6, gt=0)
     """Added to the group std before dividing."""
     kl_coef: float = Field(0.0, ge=0)
-    """Weight of the k3 KL estimate to the frozen reference model; 0 skips the reference."""
+    """Weight of the KL penalty to the frozen reference model; 0 skips the reference."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator (Schulman's k1, k2, k3)."""
     seed: int = 0

@@ -44,8 +44,9 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> Batch:
-    """Flatten groups into padded tensors; advantages (G, n) in the groups' order."""
+def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int, mask_truncated: bool = False) -> Batch:
+    """Flatten groups into padded tensors; advantages (G, n) in the groups' order.
+    mask_truncated: samples cut at max_tokens get no loss (DAPO's overlong filtering)."""
     seqs = [(g.prompt_ids, s) for g in groups for s in g.samples]
     length = max(len(p) + len(s.completion_ids) for p, s in seqs)
     B = len(seqs)
@@ -57,7 +58,7 @@ def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> B
         P, C = len(prompt), len(s.completion_ids)
         input_ids[i, : P + C] = torch.tensor(list(prompt) + list(s.completion_ids))
         attention[i, : P + C] = 1
-        loss_mask[i, P - 1 : P + C - 1] = 1.0
+        loss_mask[i, P - 1 : P + C - 1] = 0.0 if (mask_truncated and s.finish_reason == "length") else 1.0
         sampler[i, P - 1 : P + C - 1] = torch.tensor(s.logprobs)
     return Batch(input_ids, attention, loss_mask, advantages.reshape(-1).float(), sampler)
 
@@ -105,6 +106,7 @@ class Learner:
         sequences_per_step: int,
         total_steps: int,
         temperature: float,
+        max_tokens: int,
         dist_backend: str = "gloo",
     ) -> None:
         os.environ.update(
@@ -117,7 +119,12 @@ class Learner:
         torch.manual_seed(cfg.seed)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.model_path = model_path
-        self.temperature = temperature
+        self.temperature, self.max_tokens = temperature, max_tokens
+        # Resolved once: an unknown name fails here, when the actor starts.
+        self.policy_loss = algos.lookup(algos.POLICY_LOSSES, cfg.policy_loss, "policy loss")
+        self.reduce = algos.lookup(algos.REDUCTIONS, cfg.reduction, "reduction")
+        self.kl = algos.lookup(algos.KL_ESTIMATORS, cfg.kl_estimator, "KL estimator")
+        algos.lookup(algos.ADVANTAGES, cfg.advantage, "advantage estimator")
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         deepspeed.init_distributed(dist_backend=dist_backend)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -133,23 +140,33 @@ class Learner:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.ref = None
-        if cfg.kl_coef > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.engine.device).eval()
-            self.ref.requires_grad_(False)
+        if cfg.kl_coef > 0:  # the frozen reference: sharded like the policy under ZeRO-3
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+            ref.requires_grad_(False)
+            if cfg.zero_stage == 3:
+                ref_config = {k: v for k, v in deepspeed_config(cfg, self.micro, self.accumulation, world_size).items()
+                              if k not in ("optimizer", "gradient_clipping")}
+                ref = deepspeed.initialize(model=ref, config=ref_config)[0].module
+            self.ref = ref.to(self.engine.device)
         self.broadcaster = None
         self.steps_done = 0
 
     # ----------------------------------------------------------------- training
-    def _logprobs(self, model, batch: Batch) -> torch.Tensor:
-        """-> logprob of each next token (B, L-1)."""
+    def _forward(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logprob of each next token (B, L-1), its distribution's entropy (B, L-1), no grad)."""
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        return algos.token_logprobs(logits, batch.input_ids[:, 1:], self.temperature)
+        logp = algos.token_logprobs(logits, batch.input_ids[:, 1:], self.temperature)
+        with torch.no_grad():
+            ent = algos.entropy(logits, self.temperature)
+        return logp, ent
 
     @torch.no_grad()
     def _score(self, model, batch: Batch) -> torch.Tensor:
         out = []
         for start in range(0, len(batch), self.micro):
-            out.append(self._logprobs(model, batch.slice(start, start + self.micro)))
+            logits = model(input_ids=batch.input_ids[start : start + self.micro],
+                           attention_mask=batch.attention_mask[start : start + self.micro]).logits[:, :-1]
+            out.append(algos.token_logprobs(logits, batch.input_ids[start : start + self.micro, 1:], self.temperature))
         return torch.cat(out)
 
     def _global_sum(self, value: float) -> float:
@@ -159,96 +176,162 @@ class Learner:
         torch.distributed.all_reduce(t)
         return float(t.item())
 
-    def train_step(self, groups: list[Group]) -> dict[str, float]:
-        """One rollout batch (this rank's share of the groups) -> cfg.updates_per_step
-        optimizer steps. Returns metrics averaged over the batch."""
+    def train_step(
+        self, groups: list[Group], shard: tuple[int, int] | None = None, capture_gradients: bool = False
+    ) -> dict[str, Any]:
+        """One rollout batch -> cfg.updates_per_step optimizer steps on this rank's
+        shard (groups[start:stop]; all when None). Advantages see every group of the
+        step (batch-level estimators need them). Returns metrics over the shard;
+        capture_gradients adds "gradients": the first update's final (reduced)
+        gradient per parameter, for equivalence checks."""
         t0 = time.perf_counter()
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)  # (G, n)
-        adv_fn = algos.lookup(algos.ADVANTAGES, self.cfg.advantage, "advantage estimator")
-        loss_fn = algos.lookup(algos.POLICY_LOSSES, self.cfg.policy_loss, "policy loss")
-        reduce = algos.lookup(algos.REDUCTIONS, self.cfg.reduction, "reduction")
-        batch = build_batch(groups, adv_fn(rewards, self.cfg.adv_eps), self.pad_id).to(self.engine.device)
+        advantages = algos.lookup(algos.ADVANTAGES, self.cfg.advantage, "advantage estimator")(rewards, self.cfg.adv_eps)
+        start, stop = shard or (0, len(groups))
+        batch = build_batch(groups[start:stop], advantages[start:stop], self.pad_id, self.cfg.mask_truncated)
+        batch = batch.to(self.engine.device)
 
         self.engine.eval()  # no dropout in the recomputation
         old_logprobs = self._score(self.engine.module, batch)
         ref_logprobs = self._score(self.ref, batch) if self.ref is not None else None
         self.engine.train()
 
-        sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "sampler_logprob_diff": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "tokens": 0.0}
         sums["sampler_logprob_diff"] = float(((old_logprobs - batch.sampler_logprobs).abs() * batch.loss_mask).sum())
         grad_norms: list[float] = []
         minibatch = math.ceil(len(batch) / self.cfg.updates_per_step)
         for m_start in range(0, len(batch), minibatch):
             mini = batch.slice(m_start, m_start + minibatch)
-            # Token-mean over the whole mini-batch on every rank, however it is split.
-            normaliser = self._global_sum(float(mini.loss_mask.sum()))
+            # Sizes of the whole mini-batch on every rank, however it is split.
+            norm = algos.Normaliser(
+                tokens=self._global_sum(float(mini.loss_mask.sum())),
+                sequences=self._global_sum(float((mini.loss_mask.sum(dim=-1) > 0).sum())),
+                constant=float(self.max_tokens),
+            )
             micro_slices = [(s, min(s + self.micro, len(mini))) for s in range(0, len(mini), self.micro)]
+            if len(micro_slices) > self.accumulation:
+                raise ValueError(
+                    f"rank {self.rank}: {len(mini)} sequences in one update exceed the configured "
+                    f"{self.micro} x {self.accumulation} (sequences_per_step / ranks / updates_per_step)"
+                )
             for k in range(self.accumulation):
-                start, stop = micro_slices[k] if k < len(micro_slices) else (len(mini), len(mini))
-                loss = self._micro_step(mini.slice(start, stop), old_logprobs[m_start + start : m_start + stop],
-                                        None if ref_logprobs is None else ref_logprobs[m_start + start : m_start + stop],
-                                        normaliser, loss_fn, reduce, sums)
-                # DeepSpeed averages gradients over ranks: undo it (normaliser is global).
+                lo, hi = micro_slices[k] if k < len(micro_slices) else (len(mini), len(mini))
+                lo, hi = m_start + lo, m_start + hi
+                loss = self._micro_step(batch.slice(lo, hi), old_logprobs[lo:hi],
+                                        None if ref_logprobs is None else ref_logprobs[lo:hi], norm, sums)
+                # DeepSpeed averages gradients over ranks: undo it (the normaliser is global).
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                if k == self.accumulation - 1:
-                    grad_norms.append(self._grad_norm())
+                boundary = k == self.accumulation - 1
+                if boundary and capture_gradients and not grad_norms:
+                    captured = self._full_gradients()
+                # Stage 0 keeps plain .grad (gone after step); ZeRO's optimizers compute the norm in step().
+                norm_before = self._local_grad_norm() if boundary and self.cfg.zero_stage == 0 else None
                 self.engine.step()
+                if boundary:
+                    grad_norms.append(norm_before if norm_before is not None else float(self.engine.get_global_grad_norm() or 0.0))
         self.steps_done += 1
         tokens = sums.pop("tokens")
         metrics = {f"train/{k}": v / max(tokens, 1.0) for k, v in sums.items()}
         metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["train/lr"] = float(self.engine.get_lr()[0])
         metrics["train/seconds"] = time.perf_counter() - t0
+        if capture_gradients:
+            metrics["gradients"] = captured
         return metrics
 
-    def _grad_norm(self) -> float:
-        """Global L2 norm of the accumulated gradients (before clipping)."""
-        norm = self.engine.get_global_grad_norm()  # set by the ZeRO optimizers
-        if norm is None:
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0.0
-        return float(norm)
+    def _full_gradients(self) -> dict[str, Any]:
+        """The accumulated, reduced gradient of every parameter (gathered under ZeRO;
+        a collective there, so every rank calls it)."""
+        from deepspeed.utils import safe_get_full_grad
 
-    def _micro_step(self, micro: Batch, old_logprobs, ref_logprobs, normaliser, loss_fn, reduce, sums):
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            grad = safe_get_full_grad(p)
+            if grad is not None:
+                out[name] = grad.detach().float().cpu().numpy().copy()
+        return out
+
+    def _local_grad_norm(self) -> float:
+        """L2 norm of the accumulated (already reduced) .grad tensors, before clipping."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+    def _micro_step(self, micro: Batch, old_logprobs, ref_logprobs, norm: algos.Normaliser, sums) -> torch.Tensor:
         if len(micro) == 0:  # an empty slot keeps DeepSpeed's accumulation count aligned
             return sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-        logp = self._logprobs(self.engine.module, micro)
-        per_token, clipped = loss_fn(logp, old_logprobs, micro.advantages, self.cfg.clip_eps)
+        logp, ent = self._forward(self.engine.module, micro)
         mask = micro.loss_mask
+        per_token, clipped = self.policy_loss(
+            algos.LossInputs(logp, old_logprobs, micro.advantages, mask, self.cfg.clip_low, self.cfg.clip_high)
+        )
         if ref_logprobs is not None:
-            kl = algos.kl_k3(logp, ref_logprobs)
+            kl = self.kl(logp, ref_logprobs)
             per_token = per_token + self.cfg.kl_coef * kl
             sums["kl"] += float((kl.detach() * mask).sum())
-        loss = reduce(per_token, mask, normaliser)
         sums["loss"] += float((per_token.detach() * mask).sum())
         sums["clip_frac"] += float((clipped * mask).sum())
+        sums["entropy"] += float((ent * mask).sum())
         sums["tokens"] += float(mask.sum())
-        return loss
+        return self.reduce(per_token, mask, norm)
 
     # ------------------------------------------------------------ weights out
-    def connect_generators(self, generators: list[Any], engine_world_sizes: list[int], sync: WeightSyncConfig) -> None:
+    def connect_generators(self, generators: list[Any] | None, engine_world_sizes: list[int] | None,
+                           sync: WeightSyncConfig) -> None:
+        """Rank 0 (with the generators' handles) opens the transfer group; the other
+        ranks (generators=None) only take part in ZeRO-3's per-bucket gathers."""
         from learner.broadcast import WeightBroadcaster
         from rollout.client import GeneratorsClient
 
+        if generators is None:
+            self.broadcaster = WeightBroadcaster(self.engine.module, sync, None)
+            return
         client = GeneratorsClient(generators, engine_world_sizes)
         self.broadcaster = WeightBroadcaster(self.engine.module, sync, client)
         self.broadcaster.connect(client.world_size)
 
     def broadcast_weights(self, version: int) -> dict[str, float]:
+        """Every rank is called; under ZeRO-3 all join the per-bucket gathers, otherwise
+        only rank 0 (which holds full weights) has work."""
+        if self.broadcaster.client is None and self.cfg.zero_stage < 3:
+            return {}
         return self.broadcaster.send(version)
 
     def save_hf(self, path: str) -> str:
         """Export the policy as an HF model directory (transformers and vLLM load it)."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        self.engine.module.save_pretrained(str(out), safe_serialization=True)
+        state = self._full_state_dict()
+        if self.rank != 0:
+            return str(out)
+        self.engine.module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
         for f in Path(self.model_path).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
                 shutil.copy(f, out / f.name)
         return str(out)
 
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed checkpoint of this rank (weights, optimizer, LR schedule); every rank calls it."""
+        self.engine.save_checkpoint(path, tag="state", client_state={"steps_done": self.steps_done})
+
+    def load_checkpoint(self, path: str) -> None:
+        _, client = self.engine.load_checkpoint(
+            path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if client is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+        self.steps_done = client["steps_done"]
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unpartitioned) weights on CPU; a collective under ZeRO-3 (every rank calls)."""
+        from learner.broadcast import _gathered
+
+        module = self.engine.module
+        copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor (saved once)
+        with _gathered(list(module.parameters())):
+            return {k: copies.setdefault(v.data_ptr(), v.detach().cpu().clone()) for k, v in module.state_dict().items()}
+
     def state_dict_numpy(self) -> dict[str, Any]:
-        return {k: v.detach().float().cpu().numpy().copy() for k, v in self.engine.module.state_dict().items()}
+        return {k: v.float().numpy() for k, v in self._full_state_dict().items()}
 
     def ready(self) -> int:
         return self.rank

@@ -15,3 +15,9 @@ def tiny_model(tmp_path_factory) -> Path:
     from learner.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", TinyModelConfig(seed=1))
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    """Output directory shared by the CLI runs, so the cold-start model is built once."""
+    return tmp_path_factory.mktemp("runs")

@@ -26,7 +26,8 @@ def test_ppo_clip_loss_values():
     old = torch.zeros(2, 3)
     logp = torch.log(torch.tensor([[1.0, 1.5, 0.5], [1.0, 1.5, 0.5]]))
     adv = torch.tensor([2.0, -1.0])
-    loss, clipped = algos.POLICY_LOSSES["ppo_clip"](logp, old, adv, 0.2)
+    mask = torch.ones(2, 3)
+    loss, clipped = algos.POLICY_LOSSES["ppo_clip"](algos.LossInputs(logp, old, adv, mask, 0.2, 0.2))
     # A=+2: max(-2r, -2 clip(r)): r=1 -> -2; r=1.5 -> max(-3, -2.4) = -2.4 (clipped); r=.5 -> max(-1, -1.6) = -1
     # A=-1: r=1 -> 1; r=1.5 -> max(1.5, 1.2) = 1.5; r=.5 -> max(.5, .8) = .8 (clipped)
     assert torch.allclose(loss, torch.tensor([[-2.0, -2.4, -1.0], [1.0, 1.5, 0.8]]), atol=1e-6)
@@ -35,7 +36,7 @@ def test_ppo_clip_loss_values():
 
 def test_ppo_clip_gradient_is_advantage_at_ratio_one():
     logp = torch.zeros(1, 2, requires_grad=True)
-    loss, _ = algos.POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 2), torch.tensor([0.7]), 0.2)
+    loss, _ = algos.POLICY_LOSSES["ppo_clip"](algos.LossInputs(logp, torch.zeros(1, 2), torch.tensor([0.7]), torch.ones(1, 2), 0.2, 0.2))
     loss.sum().backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.7, -0.7]]))
 
@@ -47,14 +48,80 @@ def test_kl_k3_values():
     assert algos.kl_k3(logp, ref).tolist() == pytest.approx([0.0, math.exp(-1), math.e - 2], abs=1e-6)
 
 
-def test_token_mean_is_split_invariant():
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # rows' valid sums: 0+1 = 1, 4+5+6+7 = 22, 9 = 9; lengths 2, 4, 1; 7 tokens, 3 sequences
+        ("token_mean", 32 / 7),
+        ("seq_mean_token_mean", (1 / 2 + 22 / 4 + 9 / 1) / 3),
+        ("seq_mean_token_sum_norm", (1 + 22 + 9) / 8 / 3),  # constant 8
+    ],
+)
+def test_reductions_values_and_split_invariance(name, expected):
     values = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.float32)
-    whole = algos.REDUCTIONS["token_mean"](values, mask, float(mask.sum()))
-    parts = sum(algos.REDUCTIONS["token_mean"](values[i : i + 1], mask[i : i + 1], float(mask.sum())) for i in range(3))
-    # (0+1 + 4+5+6+7 + 9) / 7 = 32 / 7
-    assert whole.item() == pytest.approx(32 / 7)
-    assert parts.item() == pytest.approx(32 / 7)
+    norm = algos.Normaliser(tokens=7.0, sequences=3.0, constant=8.0)
+    reduce = algos.REDUCTIONS[name]
+    assert reduce(values, mask, norm).item() == pytest.approx(expected)
+    parts = sum(reduce(values[i : i + 1], mask[i : i + 1], norm) for i in range(3))
+    assert parts.item() == pytest.approx(expected)
+
+
+def test_other_advantage_estimators():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 2.0]], dtype=torch.float64)
+    assert algos.ADVANTAGES["dr_grpo"](r, 1e-6).tolist() == [[0.5, -0.5, -0.5, 0.5], [1.0, -1.0, 0.0, 0.0]]
+    # rloo: r_i - mean(others): group 1: 1 - 1/3, 0 - 2/3; group 2: 3 - 5/3, 1 - 7/3, 2 - 2, 2 - 2
+    rloo = algos.ADVANTAGES["rloo"](r, 1e-6)
+    assert torch.allclose(rloo, torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [4 / 3, -4 / 3, 0, 0]], dtype=torch.float64))
+    # reinforce++: centre per group -> [.5,-.5,-.5,.5, 1,-1,0,0]; batch mean 0, unbiased std sqrt(3/7)
+    rpp = algos.ADVANTAGES["reinforce_pp"](r, 0.0)
+    centred = torch.tensor([[0.5, -0.5, -0.5, 0.5], [1.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(rpp, centred / math.sqrt(3 / 7))
+
+
+def test_clip_higher_bounds_are_separate():
+    logp = torch.log(torch.tensor([[1.25, 0.7]]))
+    x = algos.LossInputs(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.28)
+    loss, clipped = algos.POLICY_LOSSES["ppo_clip"](x)
+    # A > 0: r = 1.25 stays under 1 + 0.28 (no clip); r = 0.7 is below 1 - 0.2 but max() keeps -0.7
+    assert torch.allclose(loss, torch.tensor([[-1.25, -0.7]])) and clipped.tolist() == [[0.0, 0.0]]
+    x.clip_high = 0.2
+    loss, clipped = algos.POLICY_LOSSES["ppo_clip"](x)
+    assert torch.allclose(loss, torch.tensor([[-1.2, -0.7]])) and clipped.tolist() == [[1.0, 0.0]]
+
+
+def test_gspo_sequence_ratio_and_gradient():
+    # sequence 1: log-ratios 0.1, 0.3 (mask 1, 1) -> s = exp(0.2); sequence 2 masked after 1 token
+    old = torch.zeros(2, 2)
+    logp = torch.tensor([[0.1, 0.3], [-0.5, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    x = algos.LossInputs(logp, old, torch.tensor([1.0, -1.0]), mask, 0.5, 0.5)
+    loss, clipped = algos.POLICY_LOSSES["gspo"](x)
+    s1, s2 = math.exp(0.2), math.exp(-0.5)
+    assert torch.allclose(loss[0], torch.tensor([-s1, -s1])) and loss[1, 0].item() == pytest.approx(s2)
+    assert clipped.sum() == 0
+    algos.REDUCTIONS["seq_mean_token_mean"](loss, mask, algos.Normaliser(3, 2, 1)).backward()
+    # d/dlogp_t of -A s / |y| averaged over 2 sequences: seq 1 tokens: -s1 / 2 / 2; seq 2: +s2 / 1 / 2
+    assert torch.allclose(logp.grad, torch.tensor([[-s1 / 4, -s1 / 4], [s2 / 2, 0.0]]))
+    # a ratio far outside the bounds is clipped for the whole sequence
+    far = algos.LossInputs(torch.tensor([[1.0, 1.0]]), torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.2)
+    assert algos.POLICY_LOSSES["gspo"](far)[1].tolist() == [[1.0, 1.0]]
+
+
+def test_pg_loss_and_kl_estimators():
+    logp = torch.tensor([[-1.0, -2.0]])
+    loss, _ = algos.POLICY_LOSSES["pg"](algos.LossInputs(logp, logp, torch.tensor([2.0]), torch.ones(1, 2), 0.2, 0.2))
+    assert loss.tolist() == [[2.0, 4.0]]
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0])
+    assert algos.KL_ESTIMATORS["k1"](lp, ref).tolist() == [1.0, -1.0]
+    assert algos.KL_ESTIMATORS["k2"](lp, ref).tolist() == [0.5, 0.5]
+    assert algos.KL_ESTIMATORS["k3"](lp, ref).tolist() == pytest.approx([math.exp(-1), math.e - 2])
+
+
+def test_entropy_of_uniform_and_peaked():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    ent = algos.entropy(logits)
+    assert ent[0, 0].item() == pytest.approx(math.log(4)) and ent[0, 1].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_token_logprobs_uses_temperature():
@@ -66,6 +133,12 @@ def test_token_logprobs_uses_temperature():
 def test_lookup_names_the_registered_choices():
     with pytest.raises(ValueError, match="unknown policy loss 'nope'.*ppo_clip"):
         algos.lookup(algos.POLICY_LOSSES, "nope", "policy loss")
+
+
+def test_build_batch_can_mask_truncated_samples():
+    g = Group([5], "p", {}, [Sample([8, 9], [-0.1, -0.2], "", "stop", 0), Sample([8, 8], [-0.3, -0.3], "", "length", 0)])
+    b = build_batch([g], torch.tensor([[1.0, -1.0]]), pad_id=0, mask_truncated=True)
+    assert b.loss_mask.tolist() == [[1, 1], [0, 0]]
 
 
 def test_build_batch_masks_exactly_the_completion_targets():

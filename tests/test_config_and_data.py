@@ -30,7 +30,7 @@ def test_overrides_and_yaml_compose(tmp_path):
         ("learner.lr=abc", "learner.lr: Input should be a valid number"),
         ("rollout.n=0", "rollout.n: Input should be greater than or equal to 1"),
         ("rewards.verifiers={nope: 1}", "verifiers.nope: unknown verifier"),
-        ("learner.num_ranks=3", "learner.num_ranks=3 must divide"),
+        ("learner.num_ranks=3", "learner.num_ranks=3 must divide run.prompts_per_step=32"),
         ("sync.backend=nccl", "sync.backend=nccl needs GPUs"),
         ("learner.zero_stage=4", "learner.zero_stage"),
     ],

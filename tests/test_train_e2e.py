@@ -20,10 +20,9 @@ SHORT_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory) -> Path:
-    # Shared by both runs so the cold-start model is built once and then cached.
-    return tmp_path_factory.mktemp("runs")
+@pytest.fixture
+def out_dir(runs_dir) -> Path:
+    return runs_dir
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

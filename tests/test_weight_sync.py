@@ -32,7 +32,7 @@ def stack(tiny_model):
                              "learner.lr=0.01", "sync.bucket_mb=0.5"])
     placement.start_ray(cfg.cluster)
     gens = placement.make_generators(str(tiny_model), cfg)
-    learners = placement.make_learners(str(tiny_model), cfg, sequences_per_step=8)
+    learners, _ = placement.make_learners(str(tiny_model), cfg, sequences_per_step=8)
     ray.get([a.ready.remote() for a in gens + learners])
     ray.get(learners[0].connect_generators.remote(gens, [1, 1], cfg.sync))
     yield cfg, gens, learners
