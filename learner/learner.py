@@ -311,7 +311,8 @@ class Learner:
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed checkpoint of this rank (weights, optimizer, LR schedule); every rank calls it."""
-        self.engine.save_checkpoint(path, tag="state", client_state={"steps_done": self.steps_done})
+        self.engine.save_checkpoint(path, tag="state", client_state={"steps_done": self.steps_done,
+                                                                     "torch_rng": torch.get_rng_state()})
 
     def load_checkpoint(self, path: str) -> None:
         _, client = self.engine.load_checkpoint(
@@ -320,6 +321,7 @@ class Learner:
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
         self.steps_done = client["steps_done"]
+        torch.set_rng_state(client["torch_rng"])
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unpartitioned) weights on CPU; a collective under ZeRO-3 (every rank calls)."""

@@ -31,10 +31,10 @@ def ray_session():
     ray.shutdown()
 
 
-def gradients(model_dir, groups, reduction, micro, ranks, zero_stage=0):
+def gradients(model_dir, groups, reduction, micro, ranks, zero_stage=0, kl_coef=0.0):
     cfg = load_config(None, [f"learner.reduction={reduction}", f"learner.micro_batch_size={micro}",
                              f"learner.num_ranks={ranks}", "run.prompts_per_step=4", "rollout.n=4",
-                             f"learner.zero_stage={zero_stage}"])
+                             f"learner.zero_stage={zero_stage}", f"learner.kl_coef={kl_coef}"])
     learners, pg = placement.make_learners(str(model_dir), cfg, sequences_per_step=16)
     bounds = [(0, 4)] if ranks == 1 else [(0, 2), (2, 4)]
     ref = ray.put(groups)
@@ -60,9 +60,10 @@ def test_gradient_is_independent_of_micro_batches_and_ranks(ray_session, tiny_mo
 
 
 def test_zero3_on_two_ranks_gives_the_same_gradient_as_stage0(ray_session, tiny_model):
+    # with a KL term, so the frozen reference (sharded under ZeRO-3) is exercised too
     groups = synthetic_groups(seed=1)
-    [stage0] = gradients(tiny_model, groups, "token_mean", micro=16, ranks=1)
-    zero3 = gradients(tiny_model, groups, "token_mean", micro=8, ranks=2, zero_stage=3)
+    [stage0] = gradients(tiny_model, groups, "token_mean", micro=16, ranks=1, kl_coef=0.1)
+    zero3 = gradients(tiny_model, groups, "token_mean", micro=8, ranks=2, zero_stage=3, kl_coef=0.1)
     assert set(zero3[0]) == set(stage0)
     for name, g in stage0.items():
         for rank_grads in zero3:

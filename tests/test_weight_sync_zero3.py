@@ -1,6 +1,7 @@
 """Under ZeRO-3 the weights stream to vLLM bucket by bucket (gather a bucket on every
 rank, rank 0 sends it, free it) and vLLM then matches transformers on the same weights."""
 import numpy as np
+import pytest
 import ray
 
 from cluster import placement
@@ -9,8 +10,9 @@ from tests.test_learner_equivalence import synthetic_groups
 from tests.test_weight_sync import hf_logprobs
 
 
-def test_zero3_bucketed_stream_matches_transformers(tiny_model):
-    cfg = load_config(None, ["rollout.num_generators=1", "cluster.num_cpus=2", "learner.num_ranks=2",
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_zero3_bucketed_stream_matches_transformers(tiny_model, dtype):
+    cfg = load_config(None, ["rollout.num_generators=1", "cluster.num_cpus=2", "learner.num_ranks=2", f"learner.dtype={dtype}",
                              "learner.zero_stage=3", "learner.lr=0.01", "run.prompts_per_step=4", "rollout.n=4",
                              "sync.bucket_mb=0.1", "cluster.learner_cpus=0.5", "cluster.generator_cpus=0.5"])
     placement.start_ray(cfg.cluster)
@@ -27,7 +29,8 @@ def test_zero3_bucketed_stream_matches_transformers(tiny_model):
         # 0.1 MiB buckets: the 2 MB model goes in many gathers, never all at once
         results = ray.get([lrn.broadcast_weights.remote(1) for lrn in learners])
         state = ray.get([lrn.state_dict_numpy.remote() for lrn in learners])  # a gather: every rank
-        assert results[0]["sync/bytes"] == sum(v.nbytes for k, v in state[0].items() if k != "lm_head.weight")
+        itemsize = 2 if dtype == "bfloat16" else 4  # bf16 weights travel as bf16
+        assert results[0]["sync/bytes"] == sum(v.size * itemsize for k, v in state[0].items() if k != "lm_head.weight")
         for k in state[0]:
             np.testing.assert_array_equal(state[0][k], state[1][k])
         new = np.array(ray.get(gen.prompt_logprobs.remote(seq)))
