@@ -146,18 +146,19 @@ def preflight(cfg: Config) -> list[dict]:
 def train(cfg: Config, log=print, resume: Path | None = None) -> dict[str, Any]:
     """Run (or, with `resume`, continue from the run directory's last checkpoint) a job."""
     rows = preflight(cfg)
+    state = {"step": 0, "cursor": 0, "policy_version": 0}
+    if resume is not None:
+        found = checkpoint.latest(resume)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {resume / 'checkpoints'}")
+        path, state = found
     run_dir = resume or make_run_dir(cfg)
     log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, log)
     t_start = time.perf_counter()
     actors = start_actors(cfg, model_path)
     log(f"actors ready in {time.perf_counter() - t_start:.1f} s")
-    state = {"step": 0, "cursor": 0, "policy_version": 0}
     if resume is not None:
-        found = checkpoint.latest(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-        path, state = found
         checkpoint.restore(actors.learners, path)
         push_weights(actors, state["policy_version"])  # fresh generators serve the checkpoint
         log(f"resumed from {path} (step {state['step']}, policy version {state['policy_version']})")

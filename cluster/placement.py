@@ -52,7 +52,6 @@ def make_generators(model_path: str, cfg: Config) -> list[Any]:
             num_cpus=cfg.cluster.generator_cpus,
             num_gpus=cfg.cluster.generator_gpus,
             runtime_env={"env_vars": env},
-            name=None,
         ).remote(model_path, cfg.rollout, i)
         for i in range(cfg.rollout.num_generators)
     ]

@@ -134,3 +134,14 @@ def test_verifiers():
                 "x<think>a</think><answer>1</answer>", "<think>a</think><answer>1"]:
         assert format_reward(bad, row) == 0.0, bad
     assert format_reward("  <think>a\nb</think>\n<answer>1</answer> ", row) == 1.0
+
+
+def test_resume_without_checkpoint_fails_before_starting_anything(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"run:\n  output_dir: {tmp_path}\n")
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--resume", str(run)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no complete checkpoint" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no model built, nothing written
