@@ -329,8 +329,13 @@ class Learner:
 
         module = self.engine.module
         copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor (saved once)
+        out = {}
         with _gathered(list(module.parameters())):
-            return {k: copies.setdefault(v.data_ptr(), v.detach().cpu().clone()) for k, v in module.state_dict().items()}
+            for k, v in module.state_dict().items():
+                if v.data_ptr() not in copies:
+                    copies[v.data_ptr()] = v.detach().cpu().clone()
+                out[k] = copies[v.data_ptr()]
+        return out
 
     def state_dict_numpy(self) -> dict[str, Any]:
         return {k: v.float().numpy() for k, v in self._full_state_dict().items()}

@@ -40,6 +40,9 @@ class RewardWorker:
                 peer = SocketPeer(ext.address, name=f"external verifier {name!r} at {ext.address}")
             self.peers[name] = (peer, ext.verifier or name)
         self.cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        specs = {name: cfg.spec(name) for name in cfg.verifiers}
+        self.weights = {name: spec.weight for name, spec in specs.items()}
+        self.timeouts = {name: spec.timeout_s or cfg.timeout_s for name, spec in specs.items()}
 
     def verify(self, name: str, completion: str, fields: dict[str, Any]) -> dict[str, Any]:
         """One score: {"score", "info", "error", "kind"} (kind: ok / error / timeout / cached)."""
@@ -48,8 +51,7 @@ class RewardWorker:
             self.cache.move_to_end(key)
             return {**self.cache[key], "kind": "cached"}
         peer, remote_name = self.peers[name]
-        timeout = self.cfg.spec(name).timeout_s or self.cfg.timeout_s
-        result = peer.call(remote_name, completion, fields, timeout)
+        result = peer.call(remote_name, completion, fields, self.timeouts[name])
         if result["kind"] == "ok" and self.cfg.cache_size:
             self.cache[key] = result
             if len(self.cache) > self.cfg.cache_size:
@@ -59,7 +61,7 @@ class RewardWorker:
     def score(self, groups: list[Group]) -> list[Group]:
         """Fill each group's `rewards` (weighted sum), `reward_parts` (per verifier)
         and `reward_stats`."""
-        weights = {name: self.cfg.spec(name).weight for name in self.cfg.verifiers}
+        weights = self.weights
         for g in groups:
             stats = {"timeouts": 0, "errors": 0, "cache_hits": 0}
             parts: dict[str, list[float]] = {name: [] for name in weights}

@@ -37,7 +37,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
 
 
 def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
@@ -72,7 +72,7 @@ def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> list[tuple[str, torch
         n = meta.nbytes
         dtype = getattr(torch, meta.dtype)
         chunk = flat[offset : offset + n]
-        if offset % torch.empty((), dtype=dtype).element_size():
+        if offset % dtype.itemsize:
             chunk = chunk.clone()
         tensor = chunk.view(dtype).view(meta.shape)
         out.append((meta.name, tensor))
