@@ -18,6 +18,7 @@ from cluster.config import Config, dump_config
 from cluster.data import PromptStream, rl_rows
 from cluster.metrics import MetricsLog, plot, summarize
 from cluster.model_prep import prepare_model
+from rollout.config import WeightSyncConfig
 from rollout.types import Group, num_completion_tokens
 
 
@@ -62,10 +63,16 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
         placement.make_learners(model_path, cfg, sequences)[0],
     )
     ray.get([a.ready.remote() for a in actors.generators + actors.rewarders + actors.learners])
-    worlds = ray.get([g.engine_world_size.remote() for g in actors.generators])
-    ray.get([lrn.connect_generators.remote(actors.generators if rank == 0 else None, worlds, cfg.sync)
-             for rank, lrn in enumerate(actors.learners)])
+    connect(actors.learners, actors.generators, cfg.sync)
     return actors
+
+
+def connect(learners: list[Any], generators: list[Any], sync: WeightSyncConfig) -> None:
+    """Open the weight-transfer group between learner rank 0 and every generator's
+    workers (the other ranks only join ZeRO-3's gathers). Replaces an earlier group."""
+    worlds = ray.get([g.engine_world_size.remote() for g in generators])
+    ray.get([lrn.connect_generators.remote(generators if rank == 0 else None, worlds, sync)
+             for rank, lrn in enumerate(learners)])
 
 
 def rollout_and_score(actors: Actors, prompts: list[dict], seed: int) -> tuple[list[Group], dict[str, float]]:
@@ -166,6 +173,7 @@ def train(cfg: Config, log=print, resume: Path | None = None) -> dict[str, Any]:
     metrics = MetricsLog(run_dir / "metrics.jsonl", keep_steps=state["step"])
     version = state["policy_version"]
     bar = _progress(cfg, state["step"])
+    t_loop = time.perf_counter()
     for step in range(state["step"], cfg.run.steps):
         t0 = time.perf_counter()
         groups, sampled, info = collect_batch(actors, stream, cfg, step)
@@ -177,7 +185,8 @@ def train(cfg: Config, log=print, resume: Path | None = None) -> dict[str, Any]:
             push_weights(actors, version)
         t3 = time.perf_counter()
         row = {"step": step + 1, **step_metrics(sampled, learner_metrics), **info}
-        row.update({"time/train": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0})
+        row.update({"time/train": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0, "time/started": t0 - t_loop})
+        row.update(actor_timings(actors))
         row["gen_tokens_per_s"] = num_completion_tokens(sampled) / max(info["time/generate"], 1e-9)
         metrics.append(row)
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
@@ -198,6 +207,17 @@ def train_on(actors: Actors, groups: list[Group]) -> dict[str, Any]:
     groups_ref = ray.put(groups)
     bounds = shard_bounds(len(groups), len(actors.learners))
     return ray.get([lrn.train_step.remote(groups_ref, b) for lrn, b in zip(actors.learners, bounds)])[0]
+
+
+def actor_timings(actors: Actors) -> dict[str, float]:
+    """Time spent inside the generators since the last call (the slowest one's, as
+    they run side by side): vLLM generate, building groups, receiving + loading weights.
+    With the learner's train/seconds, this separates compute from orchestration."""
+    per_actor = ray.get([g.take_timings.remote() for g in actors.generators])
+    phases = {"generate/engine": "time/generate_engine", "generate/convert": "time/generate_convert"}
+    out = {key: max(t.get(phase, 0.0) for t in per_actor) for phase, key in phases.items()}
+    out["time/sync_generator"] = max(sum(v for k, v in t.items() if k.startswith("sync/")) for t in per_actor)
+    return out
 
 
 def push_weights(actors: Actors, version: int) -> dict[str, float]:

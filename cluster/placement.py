@@ -37,22 +37,24 @@ def start_ray(cfg: ClusterConfig) -> None:
         )
 
 
-def _thread_env(cfg: ClusterConfig) -> dict[str, str]:
+def thread_env(cfg: ClusterConfig) -> dict[str, str]:
     n = str(cfg.threads_per_actor)
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
+def generator_options(cfg: Config) -> dict[str, Any]:
+    """Ray options of a generator actor (benchmarks give raw engines the same)."""
+    # A variable the user exported wins over our defaults.
+    env = {**ENGINE_ENV, **thread_env(cfg.cluster)}
+    env.update({k: os.environ[k] for k in env if k in os.environ})
+    return {"num_cpus": cfg.cluster.generator_cpus, "num_gpus": cfg.cluster.generator_gpus,
+            "runtime_env": {"env_vars": env}}
+
+
 def make_generators(model_path: str, cfg: Config) -> list[Any]:
     actor = ray.remote(Generator)
-    # A variable the user exported wins over our defaults.
-    env = {**ENGINE_ENV, **_thread_env(cfg.cluster)}
-    env.update({k: os.environ[k] for k in env if k in os.environ})
     return [
-        actor.options(
-            num_cpus=cfg.cluster.generator_cpus,
-            num_gpus=cfg.cluster.generator_gpus,
-            runtime_env={"env_vars": env},
-        ).remote(model_path, cfg.rollout, i)
+        actor.options(**generator_options(cfg)).remote(model_path, cfg.rollout, i)
         for i in range(cfg.rollout.num_generators)
     ]
 
@@ -97,7 +99,7 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tupl
             num_cpus=cfg.cluster.learner_cpus,
             num_gpus=cfg.cluster.learner_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": _thread_env(cfg.cluster)},
+            runtime_env={"env_vars": thread_env(cfg.cluster)},
         ).remote(
             model_path, cfg.learner, rank, n, master_addr, master_port,
             sequences_per_step, cfg.run.steps, cfg.rollout.temperature, cfg.rollout.max_tokens, dist_backend,

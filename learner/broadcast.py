@@ -18,7 +18,7 @@ from rollout.config import WeightSyncConfig
 from rollout.weight_sync import (
     TensorMeta,
     WeightSyncClient,
-    broadcast,
+    broadcast_async,
     close_group,
     open_group,
     pack,
@@ -56,6 +56,9 @@ class WeightBroadcaster:
         self.group = None
         self.bucket_bytes = int(cfg.bucket_mb * 2**20)
         self._pool = ThreadPoolExecutor(max_workers=1)
+        # Two pack buffers, kept across syncs (one packs while the other is sent):
+        # freshly allocated ones cost page faults on every sync (CPU).
+        self._pack_buffers: list[torch.Tensor | None] = [None, None]
 
     def connect(self, world_size: int) -> None:
         """Rendezvous with every generator worker (both sides must join at once)."""
@@ -88,19 +91,37 @@ class WeightBroadcaster:
             # The generators' receive blocks inside the broadcasts: run it alongside.
             receiving = self._pool.submit(self.client.update_weights, update_info(metas, self.bucket_bytes))
         nbytes = 0
-        for bucket in plan_buckets(metas, self.bucket_bytes):
+        zero3 = any(hasattr(p, "ds_id") for p in params)
+        in_flight = None  # the previous bucket's broadcast: it travels while this one is packed
+        for k, bucket in enumerate(plan_buckets(metas, self.bucket_bytes)):
             with _gathered([params[i] for i in bucket]):
                 if not sender:
                     continue
-                flat = pack([params[i].detach() for i in bucket])
+                tensors = [params[i].detach() for i in bucket]
+                flat = pack(tensors, self._pack_buffer(k % 2, sum(metas[i].nbytes for i in bucket), tensors[0].device)
+                            if len(tensors) > 1 else None)
                 if receiving.done():  # a generator failed before joining: surface it, don't hang
                     receiving.result()
-                broadcast(self.group, flat)
+                if in_flight is not None:
+                    in_flight.wait()
+                in_flight = broadcast_async(self.group, flat)
                 nbytes += flat.numel()
+                if zero3:  # ZeRO-3 frees the gathered values when the block ends
+                    in_flight.wait()
+                    in_flight = None
+        if in_flight is not None:
+            in_flight.wait()
         if sender:
             receiving.result(timeout=self.cfg.timeout_s)
             self.client.finish_weight_update(version)
         return {"sync/bytes": float(nbytes), "sync/seconds": time.perf_counter() - t0}
+
+    def _pack_buffer(self, slot: int, nbytes: int, device: torch.device) -> torch.Tensor:
+        buf = self._pack_buffers[slot]
+        if buf is None or buf.numel() < nbytes or buf.device != device:
+            self._pack_buffers[slot] = None
+            buf = self._pack_buffers[slot] = torch.empty(max(nbytes, self.bucket_bytes), dtype=torch.uint8, device=device)
+        return buf
 
     def close(self) -> None:
         if self.group is not None:

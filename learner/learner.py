@@ -282,6 +282,8 @@ class Learner:
         from learner.broadcast import WeightBroadcaster
         from rollout.client import GeneratorsClient
 
+        if self.broadcaster is not None:  # reconnecting (another set of generators)
+            self.broadcaster.close()
         if generators is None:
             self.broadcaster = WeightBroadcaster(self.engine.module, sync, None)
             return

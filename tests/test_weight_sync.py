@@ -85,3 +85,18 @@ def test_update_reaches_every_engine_and_matches_transformers(stack, tiny_model)
     groups = ray.get(gens[1].generate.remote(rows, seed=5))
     assert {s.version for g in groups for s in g.samples} == {1}
     assert ray.get([g.ready.remote() for g in gens])[0]["version"] == 1
+
+    # A second update lands through the buffers the first one left behind (the
+    # generators' receive arena, the learner's pack buffers): no stale bytes.
+    for g in groups:
+        g.rewards = [1.0, 0.0, 0.0, 1.0]
+    ray.get(learners[0].train_step.remote(groups))
+    second_state = ray.get(learners[0].state_dict_numpy.remote())
+    ray.get(learners[0].broadcast_weights.remote(2))
+    second_expected = hf_logprobs(tiny_model, second_state, seq)
+    assert np.abs(second_expected - expected).max() > 1e-3
+    for g in gens:
+        assert np.abs(np.array(ray.get(g.prompt_logprobs.remote(seq))) - second_expected).max() <= 1e-4
+    timings = ray.get(gens[0].take_timings.remote())  # both syncs, as the generator saw them
+    assert 0 < timings["sync/wait"] + timings["sync/load"] <= timings["sync/receive"]
+    assert timings["generate/engine"] > timings["generate/convert"] > 0

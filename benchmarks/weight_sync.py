@@ -1,0 +1,316 @@
+"""Weight-sync time: the learner streaming its weights into 1 and 2 generators (the
+whole sync as the driver runs it, the engines' reload included) against a raw
+broadcast of the same buckets over the same backend between plain actors with the
+same resources, and against one memcpy of the same bytes.
+
+    grpo bench weight-sync [--sizes 1M 10M 50M 150M] [--generators 1 2] [--reps 3] [key.sub=value ...]
+
+Overrides reach the real config, e.g. `sync.bucket_mb=16` or `learner.zero_stage=3
+learner.num_ranks=2 run.prompts_per_step=2` (ZeRO-3 streaming).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from benchmarks.common import DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, start_ray
+
+
+class RawPeer:
+    """One end of a plain broadcast: preallocated buckets, no packing, no loading."""
+
+    def __init__(self, backend: str) -> None:
+        import torch
+
+        self.backend = backend
+        self.device = torch.device("cuda" if backend == "nccl" else "cpu")
+        self.group = None
+        self.buffers: list[Any] = []
+
+    def free_port(self) -> int:
+        from vllm.utils.network_utils import get_open_port
+
+        return get_open_port()
+
+    def open(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        from rollout.weight_sync import open_group
+
+        self.close()
+        self.group = open_group(host, port, rank, world, self.backend, timeout_s)
+
+    def allocate(self, sizes: list[int]) -> None:
+        import torch
+
+        self.buffers = [torch.ones(n, dtype=torch.uint8, device=self.device) for n in sizes]
+
+    def run(self) -> float:
+        from rollout.weight_sync import broadcast
+
+        t0 = time.perf_counter()
+        for buf in self.buffers:
+            broadcast(self.group, buf)
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def memcpy(self, reps: int) -> float:
+        """Median seconds of one copy of all the buckets' bytes into another buffer."""
+        import torch
+
+        src = torch.cat(self.buffers)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        return median(times[1:])
+
+    def close(self) -> None:
+        if self.group is not None:
+            from rollout.weight_sync import close_group
+
+            close_group(self.group)
+            self.group = None
+
+
+class EngineLoad:
+    """A vLLM engine like a generator's, loading the learner's buckets from its own
+    memory through the same reload path (no transfer): the loader's own limit."""
+
+    def __init__(self, model_path: str, cfg: Any) -> None:
+        from rollout.generator import start_engine
+
+        self.model_path = model_path
+        self.llm = start_engine(model_path, cfg)
+
+    def ready(self) -> bool:
+        return True
+
+    def load(self, bucket_mb: float, reps: int) -> list[float]:
+        """Seconds of start + load of every bucket + finish, per rep (after a warm-up)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from learner.broadcast import parameter_metas
+        from rollout.weight_sync import pack, plan_buckets, unpack
+
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        metas = parameter_metas(model)
+        params = [p.detach() for _, p in model.named_parameters()]
+        buckets = plan_buckets(metas, int(bucket_mb * 2**20))
+        flats = [pack([params[i] for i in b]).clone() for b in buckets]
+
+        def run(worker) -> list[float]:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+            from rollout.weight_sync import _refresh_tied_lm_head
+
+            times = []
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                initialize_layerwise_reload(worker.model_runner.model)
+                for bucket, flat in zip(buckets, flats):
+                    worker.model_runner.model.load_weights(unpack(flat, [metas[i] for i in bucket]))
+                finalize_layerwise_reload(worker.model_runner.model, worker.model_runner.model_config)
+                _refresh_tied_lm_head(worker.model_runner.model)
+                times.append(time.perf_counter() - t0)
+            return times[1:]
+
+        return self.llm.collective_rpc(run)[0]
+
+
+def bucket_sizes(model_path: str, bucket_mb: float) -> list[int]:
+    """The learner's buckets for this model (same metadata, same plan), from a
+    meta-device copy: no weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from learner.broadcast import parameter_metas
+    from rollout.weight_sync import plan_buckets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
+    metas = parameter_metas(model)
+    return [sum(metas[i].nbytes for i in b) for b in plan_buckets(metas, int(bucket_mb * 2**20))]
+
+
+def make_peers(cfg: Any, receivers: int) -> list[Any]:
+    """A sender with the learner's Ray resources and receivers with the generators'."""
+    import ray
+
+    from cluster import placement
+
+    learner_like = {"num_cpus": cfg.cluster.learner_cpus, "num_gpus": cfg.cluster.learner_gpus,
+                    "runtime_env": {"env_vars": placement.thread_env(cfg.cluster)}}
+    peer = ray.remote(RawPeer)
+    return [peer.options(**learner_like).remote(cfg.sync.backend)] + [
+        peer.options(**placement.generator_options(cfg)).remote(cfg.sync.backend) for _ in range(receivers)
+    ]
+
+
+def raw_broadcast(peers: list[Any], sizes: list[int], receivers: int, cfg: Any, reps: int) -> list[float]:
+    import ray
+
+    group = peers[: receivers + 1]
+    port = ray.get(group[0].free_port.remote())
+    ray.get([p.open.remote(cfg.sync.master_address, port, rank, len(group), cfg.sync.timeout_s)
+             for rank, p in enumerate(group)])
+    times = []
+    for _ in range(reps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        ray.get([p.run.remote() for p in group])
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
+    """The real sync for each generator count, then (with those actors gone, their
+    resources free) the raw broadcasts and memcpy."""
+    import ray
+
+    from cluster import driver, placement
+
+    path, params = random_model(size, args.out)
+    sizes = bucket_sizes(path, cfg.sync.bucket_mb)
+    nbytes = sum(sizes)
+    t0 = time.perf_counter()
+    gens = placement.make_generators(path, cfg)
+    learners, pg = placement.make_learners(path, cfg, cfg.run.prompts_per_step * cfg.rollout.n)
+    ray.get([a.ready.remote() for a in gens + learners], timeout=900)
+    log(f"{size}: {params:,} parameters, {nbytes / 2**20:.0f} MiB in {len(sizes)} bucket(s); "
+        f"learner and {len(gens)} generators ready in {time.perf_counter() - t0:.0f} s")
+    out = []
+    version = 0
+    for k in args.generators:
+        driver.connect(learners, gens[:k], cfg.sync)
+        actors = driver.Actors(gens[:k], [], learners)
+        runs = []
+        for rep in range(args.reps + 1):  # the first is a warm-up
+            version += 1
+            t = time.perf_counter()
+            sent = driver.push_weights(actors, version)
+            seconds = time.perf_counter() - t
+            inside = ray.get([g.take_timings.remote() for g in gens[:k]])
+            if rep:
+                runs.append({"seconds": seconds, "learner_seconds": sent["sync/seconds"], "bytes": sent["sync/bytes"],
+                             **{key: max(t.get(key, 0.0) for t in inside)
+                                for key in ("sync/start", "sync/receive", "sync/wait", "sync/load", "sync/finish")}})
+        if any(r["bytes"] != nbytes for r in runs):
+            raise RuntimeError(f"{size}: the learner sent {runs[0]['bytes']} bytes, the plan says {nbytes}")
+        ours_s = median([r["seconds"] for r in runs])
+        out.append({
+            "model": size, "parameters": params, "bytes": nbytes, "buckets": len(sizes), "generators": k,
+            "sync_s": ours_s, "sync_gb_per_s": nbytes / ours_s / 1e9,
+            # Inside the slowest generator: reload set-up, receive + load, reload post-processing.
+            "generator_start_s": median([r["sync/start"] for r in runs]),
+            "generator_receive_s": median([r["sync/receive"] for r in runs]),
+            "generator_wait_s": median([r["sync/wait"] for r in runs]),  # of receive: on the wire
+            "generator_load_s": median([r["sync/load"] for r in runs]),  # of receive: vLLM's loader
+            "generator_finish_s": median([r["sync/finish"] for r in runs]),
+            "runs": runs,
+        })
+    for a in gens + learners:
+        ray.kill(a)
+    ray.util.remove_placement_group(pg)
+
+    # The engine's own load of the same buckets, alone on the machine.
+    loader = ray.remote(EngineLoad).options(**placement.generator_options(cfg)).remote(path, cfg.rollout)
+    load_s = median(ray.get(loader.load.remote(cfg.sync.bucket_mb, args.reps), timeout=900))
+    ray.kill(loader)
+    peers = make_peers(cfg, max(args.generators))
+    ray.get([p.allocate.remote(sizes) for p in peers], timeout=900)
+    memcpy_s = ray.get(peers[0].memcpy.remote(args.reps))
+    for result in out:
+        raw = raw_broadcast(peers, sizes, result["generators"], cfg, args.reps)
+        raw_s, ours_s = median(raw), result["sync_s"]
+        result.update({
+            "raw_broadcast_s": raw_s, "memcpy_s": memcpy_s, "engine_load_s": load_s,
+            "raw_gb_per_s": nbytes / raw_s / 1e9, "memcpy_gb_per_s": nbytes / memcpy_s / 1e9,
+            "engine_load_gb_per_s": nbytes / load_s / 1e9,
+            "ratio_sync_to_raw": ours_s / raw_s, "ratio_raw_to_memcpy": raw_s / memcpy_s,
+            # Floors of a sync that must also load: transfer then load, or both fully overlapped.
+            "ratio_sync_to_raw_plus_load": ours_s / (raw_s + load_s),
+            "ratio_sync_to_overlap_floor": ours_s / max(raw_s, load_s),
+            "raw_runs": raw,
+        })
+        log(f"{size} -> {result['generators']} generator(s): sync {ours_s * 1e3:.0f} ms "
+            f"({result['sync_gb_per_s']:.2f} GB/s), raw broadcast {raw_s * 1e3:.0f} ms, engine load "
+            f"{load_s * 1e3:.0f} ms, memcpy {memcpy_s * 1e3:.0f} ms: {result['ratio_sync_to_raw']:.2f}x raw, "
+            f"{result['ratio_sync_to_raw_plus_load']:.2f}x raw + load")
+    for p in peers:
+        ray.kill(p)
+    return out
+
+
+def plot(results: list[dict], path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in sorted({r["generators"] for r in results}):
+        rs = [r for r in results if r["generators"] == k]
+        xs = [r["bytes"] / 2**20 for r in rs]
+        ax.plot(xs, [r["sync_gb_per_s"] for r in rs], "o-", label=f"sync, {k} generator(s)")
+        ax.plot(xs, [r["raw_gb_per_s"] for r in rs], "s--", label=f"raw broadcast, {k} receiver(s)")
+        ax2.plot(xs, [r["ratio_sync_to_raw"] for r in rs], "o-", label=f"/ raw broadcast, {k} generator(s)")
+        ax2.plot(xs, [r["ratio_sync_to_raw_plus_load"] for r in rs], "s:", label=f"/ (raw + engine load), {k} generator(s)")
+    first = [r for r in results if r["generators"] == results[0]["generators"]]
+    xs = [r["bytes"] / 2**20 for r in first]
+    ax.plot(xs, [r["engine_load_gb_per_s"] for r in first], "^-.", color="tab:red", label="vLLM load alone")
+    ax.plot(xs, [r["memcpy_gb_per_s"] for r in first], "k:", label="memcpy")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xlabel("weights sent (MiB)")
+        a.legend(fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("GB/s")
+    ax.set_title("learner -> generators weight sync")
+    ax2.axhline(1.5, color="grey", lw=0.8, ls="--")
+    ax2.set_ylabel("sync time / limit")
+    ax2.set_title("sync time against its limits (target <= 1.5x raw)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="grpo bench weight-sync", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M", "150M"], choices=list(MODEL_SIZES))
+    parser.add_argument("--generators", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (sync.*, learner.*, cluster.*)")
+    args = parser.parse_args(argv)
+    import ray
+
+    from cluster.config import load_config
+
+    started = time.perf_counter()
+    cfg = load_config(None, [f"rollout.num_generators={max(args.generators)}", *args.overrides])
+    start_ray()
+    results = []
+    try:
+        for size in args.sizes:
+            results += measure_size(size, args, cfg)
+    finally:
+        ray.shutdown()
+    rows = [[r["model"], r["bytes"] / 2**20, r["generators"], r["sync_s"] * 1e3, r["raw_broadcast_s"] * 1e3,
+             r["engine_load_s"] * 1e3, r["memcpy_s"] * 1e3, r["sync_gb_per_s"], r["raw_gb_per_s"],
+             r["ratio_sync_to_raw"], r["ratio_sync_to_raw_plus_load"]]
+            for r in results]
+    summary = {f"weight_sync/{r['model']}/{r['generators']}gen/ratio_sync_to_raw": r["ratio_sync_to_raw"] for r in results}
+    config = {"args": vars(args), "sync": cfg.sync.model_dump(), "learner": cfg.learner.model_dump(),
+              "rollout": cfg.rollout.model_dump(), "cluster": cfg.cluster.model_dump()}
+    return report("weight_sync", args.out, config, results, summary,
+                  ["model", "MiB", "gens", "sync ms", "raw bcast ms", "load ms", "memcpy ms", "sync GB/s", "raw GB/s",
+                   "sync/raw", "sync/(raw+load)"],
+                  rows, lambda p: plot(results, p), started)
+
+
+if __name__ == "__main__":
+    main()
