@@ -2,19 +2,18 @@
 (each call in a separate, killable verifier process) against calling the verifier
 inline in one process, measured side by side in the same run.
 
-    python -m benchmarks.rewards [--verifiers math countdown] [--samples 2000] [--out bench_results]
+    grpo bench rewards [--verifiers math countdown] [--samples 2000]
 
-Prints a table and writes rewards.json and rewards.png into --out.
+Isolation costs one msgpack round trip to the verifier process per call, so cheap
+verifiers are IPC-bound while expensive ones (math) scale with workers.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import time
-from pathlib import Path
+
+from benchmarks.common import DEFAULT_OUT, log, report, start_ray
 
 
 def cases(verifier: str, count: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -70,25 +69,7 @@ def workers_rate(verifier: str, data: list[tuple[str, dict]], num_workers: int, 
     return len(data) / elapsed
 
 
-def machine() -> dict:
-    import ray
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
-
-
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -108,15 +89,15 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.rewards", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="grpo bench rewards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--verifiers", nargs="+", default=["math", "countdown"])
     parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    started = time.perf_counter()
+    start_ray()
     results = []
     try:
         for verifier in args.verifiers:
@@ -127,20 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "verifier": verifier, "samples": len(data), "inline_per_s": inline, "workers_per_s": per_worker,
                 "ratio_to_inline": {k: v / inline for k, v in per_worker.items()},
             })
+            log(f"{verifier}: inline {inline:,.0f}/s, 1 worker {per_worker['1']:,.0f}/s, 2 workers {per_worker['2']:,.0f}/s")
     finally:
         ray.shutdown()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "rewards", "machine": machine(), "config": vars(args), "results": results,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (out / "rewards.json").write_text(json.dumps(report, indent=2))
-    plot(results, out / "rewards.png")
-    print(f"{'verifier':<12}{'inline/s':>12}{'1 worker/s':>14}{'2 workers/s':>14}{'1w/inline':>11}{'2w/inline':>11}")
-    for r in results:
-        w, q = r["workers_per_s"], r["ratio_to_inline"]
-        print(f"{r['verifier']:<12}{r['inline_per_s']:>12.0f}{w['1']:>14.0f}{w['2']:>14.0f}{q['1']:>11.2f}{q['2']:>11.2f}")
-    print(f"wrote {out / 'rewards.json'} and {out / 'rewards.png'}")
-    return report
+    rows = [[r["verifier"], r["inline_per_s"], r["workers_per_s"]["1"], r["workers_per_s"]["2"],
+             r["ratio_to_inline"]["1"], r["ratio_to_inline"]["2"]] for r in results]
+    summary = {f"rewards/{r['verifier']}/{k}worker_ratio_to_inline": v
+               for r in results for k, v in r["ratio_to_inline"].items()}
+    return report("rewards", args.out, {"args": vars(args)}, results, summary,
+                  ["verifier", "inline/s", "1 worker/s", "2 workers/s", "1w/inline", "2w/inline"],
+                  rows, lambda path: plot(results, path), started)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class EngineLoad:
         from transformers import AutoModelForCausalLM
 
         from learner.broadcast import parameter_metas
-        from rollout.weight_sync import pack, plan_buckets, unpack
+        from rollout.buckets import pack, plan_buckets, unpack
 
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         metas = parameter_metas(model)
@@ -132,7 +132,7 @@ def bucket_sizes(model_path: str, bucket_mb: float) -> list[int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from learner.broadcast import parameter_metas
-    from rollout.weight_sync import plan_buckets
+    from rollout.buckets import plan_buckets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--args", help="JSON object of keyword arguments for the verifier")
     verify.add_argument("--external", help='JSON object as rewards.external, e.g. {"mine": {"command": ["./v"]}}')
     verify.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    # Parsed by benchmarks/cli.py (each benchmark has its own options); listed here for --help.
+    sub.add_parser("bench", help="throughput benchmarks, each against its limit (grpo bench --help)", add_help=False)
     return parser
 
 
@@ -85,6 +87,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from benchmarks.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "train":
         return _train(args)

@@ -15,16 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from rollout.config import WeightSyncConfig
-from rollout.weight_sync import (
-    TensorMeta,
-    WeightSyncClient,
-    broadcast_async,
-    close_group,
-    open_group,
-    pack,
-    plan_buckets,
-    update_info,
-)
+from rollout.buckets import TensorMeta, pack, plan_buckets
+from rollout.weight_sync import WeightSyncClient, broadcast_async, close_group, open_group, update_info
 
 
 def parameter_metas(module: torch.nn.Module) -> list[TensorMeta]:

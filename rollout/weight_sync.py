@@ -7,16 +7,13 @@ One implementation for CPU and GPU: the group's backend is "gloo" (CPU) or "nccl
 `finish_weight_update`): the worker-side engine below is registered with vLLM's
 factory when vLLM imports `WorkerExtension` (named by `worker_extension_cls`).
 
-Wire format: the sender (group rank 0) sends the tensors named in the update info,
-in that order, packed into flat uint8 buckets of at most `bucket_bytes` (a tensor
-larger than that travels alone). Both sides compute the same buckets from the same
-metadata (`plan_buckets`), so only the bytes cross the wire, one broadcast per bucket.
+Wire format (rollout/buckets.py): the sender (group rank 0) sends the tensors named
+in the update info, in that order, packed into flat uint8 buckets, one broadcast each.
 Group ranks: 0 is the learner; engine i's worker w is `1 + i * world + w`, where
 world = TP * PP of one engine (`rank_offset` carries `1 + i * world`).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,67 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from rollout.buckets import TensorMeta, plan_buckets, unpack
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 ENGINE_NAME = "grpo_collective"
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    dtype: str  # torch dtype name, e.g. "float32"
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
-
-
-def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
-    """Split tensor indices, in order, into consecutive buckets of <= bucket_bytes
-    (a tensor larger than bucket_bytes forms a bucket of its own)."""
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for i, meta in enumerate(metas):
-        if current and size + meta.nbytes > bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += meta.nbytes
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def pack(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Concatenate the tensors' bytes into one flat uint8 tensor on their device
-    (into the front of `out` when given; a lone tensor is sent as it is, no copy)."""
-    if len(tensors) == 1:
-        return tensors[0].contiguous().view(-1).view(torch.uint8)
-    flat = [t.contiguous().view(-1).view(torch.uint8) for t in tensors]
-    if out is None:
-        return torch.cat(flat)
-    return torch.cat(flat, out=out[: sum(f.numel() for f in flat)])
-
-
-def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
-    """Inverse of `pack`: views into `flat`, one per meta (a copy only where a tensor
-    of a wider dtype starts at an offset its element size does not divide)."""
-    out, offset = [], 0
-    for meta in metas:
-        n = meta.nbytes
-        dtype = getattr(torch, meta.dtype)
-        chunk = flat[offset : offset + n]
-        if offset % dtype.itemsize:
-            chunk = chunk.clone()
-        tensor = chunk.view(dtype).view(meta.shape)
-        out.append((meta.name, tensor))
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"bucket holds {flat.numel()} bytes, metadata describes {offset}")
-    return out
 
 
 def open_group(

@@ -65,7 +65,8 @@ def test_cli_rejects_bad_dataset_row_with_its_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["bench", "--help"], ["bench", "weight-sync", "--help"],
+                                  ["bench", "generation", "--help"], ["bench", "step", "--help"], ["bench", "rewards", "--help"]])
 def test_help_is_fast_and_imports_nothing_heavy(args):
     code = (
         "import sys, time; t = time.perf_counter()\n"

@@ -8,7 +8,7 @@ import torch
 from cluster import placement
 from cluster.config import load_config
 from rollout.types import Group, Sample
-from rollout.weight_sync import TensorMeta, pack, plan_buckets, unpack
+from rollout.buckets import TensorMeta, pack, plan_buckets, unpack
 
 
 def test_buckets_pack_and_unpack_round_trip():

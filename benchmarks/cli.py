@@ -1,0 +1,139 @@
+"""`grpo bench NAME [options]` (or `python -m benchmarks NAME`): one benchmark, or
+`all` of them in turn, each in its own process, then one summary of every headline
+figure against its target (summary.json, summary.md, summary.png)."""
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = {
+    "generation": ("benchmarks.generation", "rollout actor vs raw vllm.LLM.generate, two model sizes"),
+    "weight-sync": ("benchmarks.weight_sync", "learner -> generators vs raw broadcast, engine load, memcpy"),
+    "rewards": ("benchmarks.rewards", "reward workers (isolated verifier processes) vs inline"),
+    "step": ("benchmarks.step", "the default job's step: generate / reward / train / sync / idle, overhead share"),
+}
+RESULT_FILE = {"generation": "generation", "weight-sync": "weight_sync", "rewards": "rewards", "step": "step"}
+
+USAGE = "usage: grpo bench {" + ",".join([*BENCHMARKS, "all"]) + "} [options]\n\n" + "\n".join(
+    f"  {name:<12} {text}" for name, (_, text) in BENCHMARKS.items()
+) + """
+  all          every benchmark in turn (about 8 minutes on 2 cores), then summary.md
+
+Each writes <out>/<name>.json (machine, versions, config, raw figures, ratios) and
+<name>.png, and prints a table; `grpo bench NAME --help` lists its options.
+`all` takes --out DIR (default bench_results) and passes nothing else on."""
+
+
+def targets(results: dict[str, dict]) -> list[list[str]]:
+    """Headline rows: figure, value, target, met."""
+    rows = []
+    gen = results.get("generation")
+    if gen:
+        for r in gen["results"]:
+            v = r["ratio_actor_to_raw"]
+            rows.append([f"rollout actor / raw vLLM tokens/s, {r['model']} model", f"{v:.3f}", ">= 0.95", _yes(v >= 0.95)])
+    ws = results.get("weight_sync")
+    if ws:
+        for r in ws["results"]:
+            v = r["ratio_sync_to_raw"]
+            rows.append([f"weight sync / raw broadcast, {r['model']} ({r['bytes'] / 2**20:.0f} MiB) to {r['generators']} "
+                         f"generator(s) [/ (raw + vLLM load): {r['ratio_sync_to_raw_plus_load']:.2f}]",
+                         f"{v:.2f}", "<= 1.5", _yes(v <= 1.5)])
+    step = results.get("step")
+    if step:
+        v = step["results"]["overhead_share"]
+        rows.append([f"orchestration overhead share of a step ({step['results']['median']['period_s']:.2f} s, "
+                     f"{step['results']['samples_per_s']:.0f} samples/s)", f"{v:.1%}", "<= 10%", _yes(v <= 0.10)])
+    rew = results.get("rewards")
+    if rew:
+        for r in rew["results"]:
+            rows.append([f"reward verifications/s, {r['verifier']}: 2 workers / inline ({r['workers_per_s']['2']:,.0f}/s)",
+                         f"{r['ratio_to_inline']['2']:.2f}", "(none)", ""])
+    return rows
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def markdown(rows: list[list[str]], machine: dict, versions: dict) -> str:
+    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, GPU: {machine['gpu'] or 'none'}; "
+             + ", ".join(f"{k} {v}" for k, v in versions.items() if v), "",
+             "| figure | value | target | met |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def montage(out: Path, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = [out / f"{n}.png" for n in names if (out / f"{n}.png").is_file()]
+    if not images:
+        return
+    fig, axes = plt.subplots(len(images), 1, figsize=(11, 4.2 * len(images)))
+    for ax, path in zip(axes if len(images) > 1 else [axes], images):
+        ax.imshow(plt.imread(str(path)))
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=90)
+    plt.close(fig)
+
+
+def run_all(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="grpo bench all")
+    parser.add_argument("--out", default="bench_results")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    failed = []
+    for name, (module, _) in BENCHMARKS.items():
+        print(f"\n=== grpo bench {name} ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+        if subprocess.run([sys.executable, "-m", module, "--out", str(out)]).returncode:
+            failed.append(name)
+    results = {}
+    for name, stem in RESULT_FILE.items():
+        path = out / f"{stem}.json"
+        if name not in failed and path.is_file():
+            results[stem] = json.loads(path.read_text())
+    if not results:
+        print("grpo bench all: every benchmark failed", file=sys.stderr)
+        return 1
+    rows = targets(results)
+    first = next(iter(results.values()))
+    md = markdown(rows, first["machine"], first["versions"])
+    total = time.perf_counter() - t0
+    (out / "summary.md").write_text(md + f"\n`grpo bench all`: {total:.0f} s\n")
+    (out / "summary.json").write_text(json.dumps(
+        {"seconds": total, "machine": first["machine"], "versions": first["versions"],
+         "figures": [dict(zip(["figure", "value", "target", "met"], r)) for r in rows],
+         "summaries": {k: v["summary"] for k, v in results.items()}}, indent=2))
+    montage(out, list(results))
+    print(f"\n{md}\nall benchmarks: {total:.0f} s; wrote {out / 'summary.md'}, summary.json, summary.png")
+    if failed:
+        print(f"grpo bench all: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name == "all":
+        return run_all(rest)
+    if name not in BENCHMARKS:
+        print(f"grpo bench: unknown benchmark {name!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    importlib.import_module(BENCHMARKS[name][0]).main(rest)
+    return 0

@@ -1,0 +1,67 @@
+"""The wire format of a weight sync, in plain torch (no vLLM): tensors packed, in
+order, into flat uint8 buckets of at most `bucket_bytes` (a tensor larger than that
+travels alone). Both sides compute the same buckets from the same metadata, so only
+the bytes cross the wire, one broadcast per bucket."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # torch dtype name, e.g. "float32"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
+
+
+def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+    """Split tensor indices, in order, into consecutive buckets of <= bucket_bytes
+    (a tensor larger than bucket_bytes forms a bucket of its own)."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, meta in enumerate(metas):
+        if current and size + meta.nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += meta.nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def pack(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate the tensors' bytes into one flat uint8 tensor on their device
+    (into the front of `out` when given; a lone tensor is sent as it is, no copy)."""
+    if len(tensors) == 1:
+        return tensors[0].contiguous().view(-1).view(torch.uint8)
+    flat = [t.contiguous().view(-1).view(torch.uint8) for t in tensors]
+    if out is None:
+        return torch.cat(flat)
+    return torch.cat(flat, out=out[: sum(f.numel() for f in flat)])
+
+
+def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `pack`: views into `flat`, one per meta (a copy only where a tensor
+    of a wider dtype starts at an offset its element size does not divide)."""
+    out, offset = [], 0
+    for meta in metas:
+        n = meta.nbytes
+        dtype = getattr(torch, meta.dtype)
+        chunk = flat[offset : offset + n]
+        if offset % dtype.itemsize:
+            chunk = chunk.clone()
+        tensor = chunk.view(dtype).view(meta.shape)
+        out.append((meta.name, tensor))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"bucket holds {flat.numel()} bytes, metadata describes {offset}")
+    return out

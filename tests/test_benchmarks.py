@@ -1,0 +1,89 @@
+"""The benchmarks as a product: their arithmetic, and short real runs through
+`grpo bench` that must write a complete report (figures are not asserted: this
+machine is shared and noisy; the ratios are checked against their own raw figures)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.cli import targets
+from benchmarks.step import breakdown
+
+
+def _row(step, started, **kw):
+    base = {"step": step, "time/started": started, "time/generate": 1.0, "time/reward": 0.1, "time/train": 0.5,
+            "time/sync": 0.1, "time/generate_engine": 0.9, "train/seconds": 0.4, "samples": 256, "tokens": 2560}
+    return {**base, **kw}
+
+
+def test_step_breakdown_splits_the_period():
+    rows = [_row(1, 0.0, **{"time/generate": 5.0}), _row(2, 5.0), _row(3, 6.8), _row(4, 8.8)]
+    steps = breakdown(rows, warmup=1)  # step 1 is warm-up; step 4 has no next start
+    assert [s["step"] for s in steps] == [2, 3]
+    first = steps[0]
+    assert first["period_s"] == pytest.approx(1.8)
+    assert first["idle_s"] == pytest.approx(1.8 - (1.0 + 0.1 + 0.5 + 0.1))
+    assert first["overhead_s"] == pytest.approx(1.8 - 0.9 - 0.4)
+    assert steps[1]["idle_s"] == pytest.approx(2.0 - 1.7)
+
+
+def test_targets_say_met_or_missed():
+    results = {
+        "generation": {"results": [{"model": "50M", "ratio_actor_to_raw": 0.97}, {"model": "0.5M", "ratio_actor_to_raw": 0.9}]},
+        "weight_sync": {"results": [{"model": "1M", "bytes": 2**22, "generators": 2, "ratio_sync_to_raw": 3.2,
+                                     "ratio_sync_to_raw_plus_load": 1.1}]},
+        "step": {"results": {"overhead_share": 0.04, "median": {"period_s": 2.5}, "samples_per_s": 102.0}},
+    }
+    rows = {r[0].split(",")[-1].strip()[:12]: (r[1], r[3]) for r in targets(results)}
+    assert rows["50M model"] == ("0.970", "yes") and rows["0.5M model"] == ("0.900", "no")
+    (sync,) = [r for r in targets(results) if r[0].startswith("weight sync")]
+    assert sync[1:] == ["3.20", "<= 1.5", "no"] and "[/ (raw + vLLM load): 1.10]" in sync[0]
+    (step,) = [r for r in targets(results) if r[0].startswith("orchestration")]
+    assert step[1:] == ["4.0%", "<= 10%", "yes"]
+
+
+def _bench(tmp_path, *args, timeout=400):
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _report(tmp_path, name):
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    assert data["machine"]["cores"] >= 1 and data["machine"]["memory_gib"] > 0
+    assert all(data["versions"][k] for k in ("torch", "vllm", "ray", "deepspeed"))
+    return data
+
+
+def test_weight_sync_bench_reports_against_its_limits(tmp_path):
+    proc = _bench(tmp_path, "weight-sync", "--sizes", "1M", "--generators", "1", "--reps", "1", "sync.bucket_mb=1")
+    data = _report(tmp_path, "weight_sync")
+    (r,) = data["results"]
+    # The learner sent exactly the model's parameter bytes (fp32, tied head once), in 1 MiB buckets.
+    assert r["bytes"] == 4 * r["parameters"] == 4_256_256 and r["buckets"] == 5
+    assert r["ratio_sync_to_raw"] == pytest.approx(r["sync_s"] / r["raw_broadcast_s"])
+    assert r["ratio_sync_to_raw_plus_load"] == pytest.approx(r["sync_s"] / (r["raw_broadcast_s"] + r["engine_load_s"]))
+    # The generator's own account of the sync fits inside the learner's.
+    assert 0 < r["generator_wait_s"] + r["generator_load_s"] <= r["generator_receive_s"] < r["sync_s"]
+    assert data["config"]["sync"]["bucket_mb"] == 1
+    assert "sync/raw" in proc.stdout and "1M" in proc.stdout
+
+
+def test_generation_bench_samples_the_same_tokens_as_raw_vllm(tmp_path):
+    _bench(tmp_path, "generation", "--models", "0.5M", "--prompts", "2", "--reps", "1", "rollout.n=2")
+    (r,) = _report(tmp_path, "generation")["results"]
+    assert r["samples"] == 4 and r["same_tokens"]
+    assert r["runs"]["actor"][0]["tokens"] == r["runs"]["raw"][0]["tokens"] > 0
+    assert r["ratio_actor_to_raw"] == pytest.approx(r["raw_s"] / r["actor_s"])
+
+
+def test_rewards_bench(tmp_path):
+    _bench(tmp_path, "rewards", "--verifiers", "countdown", "--samples", "64")
+    (r,) = _report(tmp_path, "rewards")["results"]
+    assert r["samples"] == 64 and r["inline_per_s"] > 0
+    assert r["ratio_to_inline"]["2"] == pytest.approx(r["workers_per_s"]["2"] / r["inline_per_s"])
