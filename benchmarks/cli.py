@@ -18,14 +18,15 @@ BENCHMARKS = {
 }
 RESULT_FILE = {"generation": "generation", "weight-sync": "weight_sync", "rewards": "rewards", "step": "step"}
 
-USAGE = "usage: grpo bench {" + ",".join([*BENCHMARKS, "all"]) + "} [options]\n\n" + "\n".join(
+USAGE = "usage: grpo bench {" + ",".join([*BENCHMARKS, "all", "summary"]) + "} [options]\n\n" + "\n".join(
     f"  {name:<12} {text}" for name, (_, text) in BENCHMARKS.items()
 ) + """
-  all          every benchmark in turn (about 8 minutes on 2 cores), then summary.md
+  all          every benchmark in turn (about 6 minutes on 2 cores), then the summary
+  summary      summary.md / .json / .png of the reports in --out (after re-running one)
 
 Each writes <out>/<name>.json (machine, versions, config, raw figures, ratios) and
 <name>.png, and prints a table; `grpo bench NAME --help` lists its options.
-`all` takes --out DIR (default bench_results) and passes nothing else on."""
+`all` and `summary` take --out DIR (default bench_results) and nothing else."""
 
 
 def targets(results: dict[str, dict]) -> list[list[str]]:
@@ -86,41 +87,43 @@ def montage(out: Path, names: list[str]) -> None:
     plt.close(fig)
 
 
-def run_all(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="grpo bench all")
-    parser.add_argument("--out", default="bench_results")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+def run_all(out: Path) -> int:
     t0 = time.perf_counter()
     failed = []
     for name, (module, _) in BENCHMARKS.items():
         print(f"\n=== grpo bench {name} ({time.perf_counter() - t0:.0f} s so far)", flush=True)
         if subprocess.run([sys.executable, "-m", module, "--out", str(out)]).returncode:
             failed.append(name)
+    status = summarize(out, skip=failed, seconds=time.perf_counter() - t0)
+    if failed:
+        print(f"grpo bench all: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return status
+
+
+def summarize(out: Path, skip: list[str] = (), seconds: float | None = None) -> int:
+    """summary.md / .json / .png from the reports in `out` (`grpo bench summary`
+    rebuilds it after re-running one benchmark)."""
     results = {}
     for name, stem in RESULT_FILE.items():
         path = out / f"{stem}.json"
-        if name not in failed and path.is_file():
+        if name not in skip and path.is_file():
             results[stem] = json.loads(path.read_text())
     if not results:
-        print("grpo bench all: every benchmark failed", file=sys.stderr)
+        print(f"grpo bench: no benchmark report in {out}", file=sys.stderr)
         return 1
     rows = targets(results)
     first = next(iter(results.values()))
     md = markdown(rows, first["machine"], first["versions"])
-    total = time.perf_counter() - t0
-    (out / "summary.md").write_text(md + f"\n`grpo bench all`: {total:.0f} s\n")
+    if seconds is None:
+        seconds = sum(r["seconds"] for r in results.values())
+    (out / "summary.md").write_text(md + f"\nbenchmarks: {seconds:.0f} s\n")
     (out / "summary.json").write_text(json.dumps(
-        {"seconds": total, "machine": first["machine"], "versions": first["versions"],
+        {"seconds": seconds, "machine": first["machine"], "versions": first["versions"],
          "figures": [dict(zip(["figure", "value", "target", "met"], r)) for r in rows],
          "summaries": {k: v["summary"] for k, v in results.items()}}, indent=2))
     montage(out, list(results))
-    print(f"\n{md}\nall benchmarks: {total:.0f} s; wrote {out / 'summary.md'}, summary.json, summary.png")
-    if failed:
-        print(f"grpo bench all: failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
+    print(f"\n{md}\nbenchmarks: {seconds:.0f} s; wrote {out / 'summary.md'}, summary.json, summary.png")
     return 0
 
 
@@ -130,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name == "all":
-        return run_all(rest)
+    if name in ("all", "summary"):
+        import argparse
+
+        parser = argparse.ArgumentParser(prog=f"grpo bench {name}")
+        parser.add_argument("--out", default="bench_results")
+        out = Path(parser.parse_args(rest).out)
+        return run_all(out) if name == "all" else summarize(out)
     if name not in BENCHMARKS:
         print(f"grpo bench: unknown benchmark {name!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -52,7 +52,7 @@ def plot(steps: list[dict], path) -> None:
         ("weight sync", lambda s: s["sync_s"], "tab:red"),
         ("idle (driver)", lambda s: s["idle_s"], "lightgrey"),
     ]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     xs = [s["step"] for s in steps]
     bottom = [0.0] * len(steps)
     for label, fn, color in parts:
@@ -63,7 +63,7 @@ def plot(steps: list[dict], path) -> None:
     ax.set_ylabel("seconds")
     share = median([s["overhead_s"] / s["period_s"] for s in steps])
     ax.set_title(f"step time of the default job (orchestration overhead {share:.1%} of a step)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -179,6 +179,8 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
     path, params = random_model(size, args.out)
     sizes = bucket_sizes(path, cfg.sync.bucket_mb)
     nbytes = sum(sizes)
+    # Small syncs are short and noisy: more reps for them (about 200 MiB moved per figure).
+    reps = max(args.reps, min(15, round(200 * 2**20 / nbytes)))
     t0 = time.perf_counter()
     gens = placement.make_generators(path, cfg)
     learners, pg = placement.make_learners(path, cfg, cfg.run.prompts_per_step * cfg.rollout.n)
@@ -191,7 +193,7 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
         driver.connect(learners, gens[:k], cfg.sync)
         actors = driver.Actors(gens[:k], [], learners)
         runs = []
-        for rep in range(args.reps + 1):  # the first is a warm-up
+        for rep in range(reps + 1):  # the first is a warm-up
             version += 1
             t = time.perf_counter()
             sent = driver.push_weights(actors, version)
@@ -205,7 +207,7 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
             raise RuntimeError(f"{size}: the learner sent {runs[0]['bytes']} bytes, the plan says {nbytes}")
         ours_s = median([r["seconds"] for r in runs])
         out.append({
-            "model": size, "parameters": params, "bytes": nbytes, "buckets": len(sizes), "generators": k,
+            "model": size, "parameters": params, "bytes": nbytes, "buckets": len(sizes), "generators": k, "reps": reps,
             "sync_s": ours_s, "sync_gb_per_s": nbytes / ours_s / 1e9,
             # Inside the slowest generator: reload set-up, receive + load, reload post-processing.
             "generator_start_s": median([r["sync/start"] for r in runs]),
@@ -221,13 +223,13 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
 
     # The engine's own load of the same buckets, alone on the machine.
     loader = ray.remote(EngineLoad).options(**placement.generator_options(cfg)).remote(path, cfg.rollout)
-    load_s = median(ray.get(loader.load.remote(cfg.sync.bucket_mb, args.reps), timeout=900))
+    load_s = median(ray.get(loader.load.remote(cfg.sync.bucket_mb, reps), timeout=900))
     ray.kill(loader)
     peers = make_peers(cfg, max(args.generators))
     ray.get([p.allocate.remote(sizes) for p in peers], timeout=900)
-    memcpy_s = ray.get(peers[0].memcpy.remote(args.reps))
+    memcpy_s = ray.get(peers[0].memcpy.remote(reps))
     for result in out:
-        raw = raw_broadcast(peers, sizes, result["generators"], cfg, args.reps)
+        raw = raw_broadcast(peers, sizes, result["generators"], cfg, reps)
         raw_s, ours_s = median(raw), result["sync_s"]
         result.update({
             "raw_broadcast_s": raw_s, "memcpy_s": memcpy_s, "engine_load_s": load_s,
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="grpo bench weight-sync", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M", "150M"], choices=list(MODEL_SIZES))
     parser.add_argument("--generators", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="at least this many of each measurement (more for small models)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (sync.*, learner.*, cluster.*)")
     args = parser.parse_args(argv)

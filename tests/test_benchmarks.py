@@ -87,3 +87,17 @@ def test_rewards_bench(tmp_path):
     (r,) = _report(tmp_path, "rewards")["results"]
     assert r["samples"] == 64 and r["inline_per_s"] > 0
     assert r["ratio_to_inline"]["2"] == pytest.approx(r["workers_per_s"]["2"] / r["inline_per_s"])
+
+
+def test_summary_is_rebuilt_from_the_reports_on_disk(tmp_path):
+    from benchmarks.cli import summarize
+
+    step = {"benchmark": "step", "seconds": 50.0, "summary": {"step/overhead_share": 0.12},
+            "machine": {"cpu": "X", "cores": 2, "memory_gib": 8.0, "gpu": None}, "versions": {"torch": "2"},
+            "results": {"overhead_share": 0.12, "median": {"period_s": 3.0}, "samples_per_s": 85.3}}
+    (tmp_path / "step.json").write_text(json.dumps(step))
+    assert summarize(tmp_path) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| orchestration overhead share of a step (3.00 s, 85 samples/s) | 12.0% | <= 10% | no |" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["summaries"] == {"step": {"step/overhead_share": 0.12}}
+    assert summarize(tmp_path / "empty") == 1
