@@ -3,6 +3,7 @@ random models of a given size, the report (JSON + PNG + printed table)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -98,15 +99,8 @@ def parameter_count(path: str | Path) -> int:
     for file in Path(path).glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
             for name in f.keys():
-                total += _prod(f.get_slice(name).get_shape())
+                total += math.prod(f.get_slice(name).get_shape())
     return total
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def median(values: list[float]) -> float:

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in results]
     summary = {f"generation/{r['model']}/ratio_actor_to_raw": r["ratio_actor_to_raw"] for r in results}
     summary.update({f"generation/{r['model']}/actor_tokens_per_s": r["actor_tokens_per_s"] for r in results})
-    config = {"args": {k: v for k, v in vars(args).items()}, "rollout": cfg.rollout.model_dump(),
+    config = {"args": vars(args), "rollout": cfg.rollout.model_dump(),
               "cluster": cfg.cluster.model_dump()}
     return report("generation", args.out, config, results, summary,
                   ["model", "params", "raw tok/s", "actor tok/s", "actor/raw", "actor samples/s", "convert ms", "ray ms",

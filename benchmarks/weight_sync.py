@@ -107,18 +107,14 @@ class EngineLoad:
         flats = [pack([params[i] for i in b]).clone() for b in buckets]
 
         def run(worker) -> list[float]:
-            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-            from rollout.weight_sync import _refresh_tied_lm_head
-
+            engine = worker.weight_transfer_engine  # ours: the same reload the syncs use
             times = []
             for _ in range(reps + 1):
                 t0 = time.perf_counter()
-                initialize_layerwise_reload(worker.model_runner.model)
+                engine.start_weight_update()
                 for bucket, flat in zip(buckets, flats):
-                    worker.model_runner.model.load_weights(unpack(flat, [metas[i] for i in bucket]))
-                finalize_layerwise_reload(worker.model_runner.model, worker.model_runner.model_config)
-                _refresh_tied_lm_head(worker.model_runner.model)
+                    engine.model.load_weights(unpack(flat, [metas[i] for i in bucket]))
+                engine.finish_weight_update()
                 times.append(time.perf_counter() - t0)
             return times[1:]
 

@@ -213,10 +213,15 @@ def actor_timings(actors: Actors) -> dict[str, float]:
     """Time spent inside the generators since the last call (the slowest one's, as
     they run side by side): vLLM generate, building groups, receiving + loading weights.
     With the learner's train/seconds, this separates compute from orchestration."""
-    per_actor = ray.get([g.take_timings.remote() for g in actors.generators])
+    return slowest_generator(ray.get([g.take_timings.remote() for g in actors.generators]))
+
+
+def slowest_generator(per_actor: list[dict[str, float]]) -> dict[str, float]:
+    """Generators' take_timings() -> the step's metrics (the slowest generator per phase)."""
     phases = {"generate/engine": "time/generate_engine", "generate/convert": "time/generate_convert"}
     out = {key: max(t.get(phase, 0.0) for t in per_actor) for phase, key in phases.items()}
-    out["time/sync_generator"] = max(sum(v for k, v in t.items() if k.startswith("sync/")) for t in per_actor)
+    sync_phases = ("sync/start", "sync/receive", "sync/finish")  # receive includes sync/wait and sync/load
+    out["time/sync_generator"] = max(sum(t.get(k, 0.0) for k in sync_phases) for t in per_actor)
     return out
 
 

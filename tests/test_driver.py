@@ -1,10 +1,11 @@
 """The driver's batch collection with dynamic sampling, on real Ray and real reward
 workers, with a fake generator (a fake of our own small interface)."""
+import pytest
 import ray
 
 from cluster.config import load_config
 from cluster.data import PromptStream
-from cluster.driver import Actors, collect_batch, shard_bounds, split
+from cluster.driver import Actors, collect_batch, shard_bounds, slowest_generator, split
 from rewards.worker import RewardWorker
 from rollout.types import Group, Sample
 
@@ -54,3 +55,13 @@ def test_split_and_shard_bounds_agree():
     items = list(range(10))
     assert split(items, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_generator_timings_take_the_slowest_and_count_the_sync_once():
+    a = {"generate/engine": 2.0, "generate/convert": 0.01, "sync/start": 0.01, "sync/receive": 0.3,
+         "sync/wait": 0.1, "sync/load": 0.2, "sync/finish": 0.02}
+    b = {"generate/engine": 2.5, "generate/convert": 0.005, "sync/start": 0.01, "sync/receive": 0.2, "sync/finish": 0.01}
+    out = slowest_generator([a, b])
+    assert out["time/generate_engine"] == 2.5 and out["time/generate_convert"] == 0.01
+    # wait and load are parts of receive: 0.01 + 0.3 + 0.02, not 0.63
+    assert out["time/sync_generator"] == pytest.approx(0.33)
