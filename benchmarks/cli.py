@@ -143,5 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in BENCHMARKS:
         print(f"grpo bench: unknown benchmark {name!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    importlib.import_module(BENCHMARKS[name][0]).main(rest)
+    from cluster.config import ConfigError
+
+    try:
+        importlib.import_module(BENCHMARKS[name][0]).main(rest)
+    except ConfigError as e:  # raised before any actor starts
+        print(f"grpo bench {name}: {e}", file=sys.stderr)
+        return 2
     return 0

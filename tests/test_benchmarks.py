@@ -101,3 +101,11 @@ def test_summary_is_rebuilt_from_the_reports_on_disk(tmp_path):
     assert "| orchestration overhead share of a step (3.00 s, 85 samples/s) | 12.0% | <= 10% | no |" in md
     assert json.loads((tmp_path / "summary.json").read_text())["summaries"] == {"step": {"step/overhead_share": 0.12}}
     assert summarize(tmp_path / "empty") == 1
+
+
+def test_bad_override_is_named_before_anything_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "weight-sync", "--out", str(tmp_path),
+                           "sync.bucket_mb=-1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "grpo bench weight-sync: invalid config" in proc.stderr and "sync.bucket_mb" in proc.stderr
+    assert not list(tmp_path.iterdir())  # no model built, no report written
