@@ -74,6 +74,14 @@ def start_ray() -> None:
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
+def resolved(cfg):
+    """cfg with its automatic resource shares filled in from the running Ray (as `grpo
+    train` does), so benchmark actors get what the job's actors would."""
+    from cluster import placement
+
+    return placement.resolve_resources(cfg, placement.alive_nodes())
+
+
 def random_model(size: str, out: str | Path) -> tuple[str, int]:
     """A random-init model of MODEL_SIZES[size], built once under <out>/_models.
     -> (path, parameter count)."""

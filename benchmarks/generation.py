@@ -16,7 +16,7 @@ import argparse
 import time
 from typing import Any
 
-from benchmarks.common import DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, start_ray
+from benchmarks.common import DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, resolved, start_ray
 
 
 class RawEngine:
@@ -28,12 +28,14 @@ class RawEngine:
         self.cfg = cfg
         self.llm = start_engine(model_path, cfg)
 
-    def generate(self, prompts: list[str], seed: int) -> dict[str, float]:
-        from rollout.generator import sampling_params
+    def generate(self, prompts: list[str], seeds: list[list[int]]) -> dict[str, float]:
+        """The same requests the rollout actor makes: one per sample, with its seed."""
+        from rollout.generator import sample_params
 
-        params = sampling_params(self.cfg, len(prompts), seed)
+        texts = [p for p, s in zip(prompts, seeds) for _ in s]
+        params = [sample_params(self.cfg, seed) for s in seeds for seed in s]
         t0 = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(texts, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
         completions = [c for out in outputs for c in out.outputs]
         return {"seconds": seconds, "tokens": sum(len(c.token_ids) for c in completions), "samples": len(completions)}
@@ -47,6 +49,7 @@ def measure(model: str, model_path: str, params: int, cfg: Any, prompts: list[di
     import ray
 
     from cluster import placement
+    from rollout.seeds import sample_seeds
     from rollout.types import num_completion_tokens
 
     t0 = time.perf_counter()
@@ -56,9 +59,12 @@ def measure(model: str, model_path: str, params: int, cfg: Any, prompts: list[di
     log(f"{model}: rollout actor and raw engine ready in {time.perf_counter() - t0:.0f} s")
     texts = [r["prompt"] for r in prompts]
 
+    def seeds(base: int) -> list[list[int]]:
+        return [sample_seeds(base, "bench", i, cfg.rollout.n) for i in range(len(prompts))]
+
     def run_actor(seed: int) -> dict[str, float]:
         t = time.perf_counter()
-        groups = ray.get(actor.generate.remote(prompts, seed))
+        groups = ray.get(actor.generate.remote(prompts, seeds(seed)))
         seconds = time.perf_counter() - t
         inside = ray.get(actor.take_timings.remote())  # outside the timed call
         return {"seconds": seconds, "tokens": num_completion_tokens(groups),
@@ -67,7 +73,7 @@ def measure(model: str, model_path: str, params: int, cfg: Any, prompts: list[di
 
     def run_raw(seed: int) -> dict[str, float]:
         t = time.perf_counter()
-        out = ray.get(raw.generate.remote(texts, seed))
+        out = ray.get(raw.generate.remote(texts, seeds(seed)))
         out["wall_seconds"] = time.perf_counter() - t
         return out
 
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(None, ["rollout.num_generators=1", *args.overrides])
     prompts = rl_rows(cfg.data)[: args.prompts]
     start_ray()
+    cfg = resolved(cfg)
     results = []
     try:
         for model in args.models:

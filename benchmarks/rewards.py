@@ -1,6 +1,8 @@
 """Reward throughput: verifications per second through 1 and 2 reward-worker actors
-(each call in a separate, killable verifier process) against calling the verifier
-inline in one process, measured side by side in the same run.
+(each call in a separate, killable verifier process, `rewards.concurrency` of them
+per worker), fed the way training feeds them (one group per call, to the least-loaded
+worker: cluster/pipeline.py's RewardPool), against calling the verifier inline in one
+process, measured side by side in the same run.
 
     grpo bench rewards [--verifiers math countdown] [--samples 2000]
 
@@ -16,57 +18,62 @@ import time
 from benchmarks.common import DEFAULT_OUT, log, report, start_ray
 
 
-def cases(verifier: str, count: int, seed: int = 0) -> list[tuple[str, dict]]:
-    """Distinct completions (so no cache can help), half of them correct."""
+def cases(verifier: str, count: int, n: int = 8, seed: int = 0) -> list[tuple[dict, list[str]]]:
+    """count // n groups: one row each and n distinct completions of it (so no cache can
+    help), half of them correct, as a training group holds them."""
     rng = random.Random(seed)
     out = []
-    for i in range(count):
+    for g in range(count // n):
         a, b = rng.randint(1, 999), rng.randint(1, 999)
-        right = i % 2 == 0
         if verifier == "countdown":
-            expr = f"({a} + {b}) * 2" if right else f"{a} * {b} - 2"
-            out.append((f"<think>try {i}</think><answer>{expr}</answer>", {"numbers": [a, b, 2], "target": (a + b) * 2}))
+            fields = {"numbers": [a, b, 2], "target": (a + b) * 2}
+            texts = [f"<think>try {g}.{k}</think><answer>{f'({a} + {b}) * 2' if k % 2 == 0 else f'{a} * {b} - 2'}</answer>"
+                     for k in range(n)]
         else:
-            answer = f"\\frac{{{a}}}{{{b}}}" if right else f"{a + 1}/{b}"
-            out.append((f"<think>step {i}</think><answer>{answer}</answer>", {"answer": f"{a}/{b}"}))
+            fields = {"answer": f"{a}/{b}"}
+            texts = [f"<think>step {g}.{k}</think><answer>{f'{chr(92)}frac{{{a}}}{{{b}}}' if k % 2 == 0 else f'{a + 1}/{b}'}</answer>"
+                     for k in range(n)]
+        out.append((fields, texts))
     return out
 
 
-def inline_rate(verifier: str, data: list[tuple[str, dict]]) -> float:
+def inline_rate(verifier: str, data: list[tuple[dict, list[str]]]) -> tuple[float, float]:
+    """-> (verifications / s, mean score) calling the verifier in this process."""
     from rewards.api import resolve, run_one
 
     fn = resolve(verifier)
-    run_one(fn, *data[0], {})  # warm imports
+    run_one(fn, data[0][1][0], data[0][0], {})  # warm imports
     t0 = time.perf_counter()
-    for completion, fields in data:
-        run_one(fn, completion, fields, {})
-    return len(data) / (time.perf_counter() - t0)
+    scores = [run_one(fn, completion, fields, {}).value for fields, texts in data for completion in texts]
+    return len(scores) / (time.perf_counter() - t0), sum(scores) / len(scores)
 
 
-def workers_rate(verifier: str, data: list[tuple[str, dict]], num_workers: int, group_size: int = 16) -> float:
+def workers_rate(verifier: str, data: list[tuple[dict, list[str]]], num_workers: int,
+                 concurrency: int) -> tuple[float, float]:
+    """-> (verifications / s, mean score) through reward-worker actors."""
     import ray
 
+    from cluster.pipeline import RewardPool
     from rewards.config import RewardConfig
     from rewards.worker import RewardWorker
     from rollout.types import Group, Sample
 
-    cfg = RewardConfig(num_workers=num_workers, verifiers={verifier: 1.0}, cache_size=0)
+    cfg = RewardConfig(num_workers=num_workers, verifiers={verifier: 1.0}, cache_size=0, concurrency=concurrency)
     actor = ray.remote(RewardWorker)
     workers = [actor.options(num_cpus=0).remote(cfg, i) for i in range(num_workers)]
-    groups = [
-        Group([1], "p", fields, [Sample([1], [0.0], completion, "stop", 0)])
-        for completion, fields in data
-    ]
-    # Warm up: each worker's verifier process imports its verifier.
-    ray.get([w.score.remote(groups[:1]) for w in workers])
-    batches = [groups[i : i + group_size] for i in range(0, len(groups), group_size)]
+    groups = [Group([1], "p", fields, [Sample([1], [0.0], c, "stop", [(0, 0)]) for c in texts]) for fields, texts in data]
+    ray.get([w.score.remote(groups[0]) for w in workers])  # warm-up: verifier processes import their verifier
+    pool = RewardPool(workers)
     t0 = time.perf_counter()
-    refs = [workers[i % num_workers].score.remote(batch) for i, batch in enumerate(batches)]
-    ray.get(refs)
+    pending, scores = [pool.submit(g) for g in groups], []
+    while pending:  # consumed as they finish, as the pipeline does
+        done, pending = ray.wait(pending, num_returns=1)
+        pool.done(done[0])
+        scores += ray.get(done[0])[0].rewards
     elapsed = time.perf_counter() - t0
     for w in workers:
         ray.kill(w)
-    return len(data) / elapsed
+    return len(scores) / elapsed, sum(scores) / len(scores)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="grpo bench rewards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--verifiers", nargs="+", default=["math", "countdown"])
     parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=2, help="verifier processes per worker (rewards.concurrency)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     import ray
@@ -102,10 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for verifier in args.verifiers:
             data = cases(verifier, args.samples)
-            inline = inline_rate(verifier, data)
-            per_worker = {str(k): workers_rate(verifier, data, k) for k in (1, 2)}
+            inline, inline_score = inline_rate(verifier, data)
+            measured = {str(k): workers_rate(verifier, data, k, args.concurrency) for k in (1, 2)}
+            per_worker = {k: v[0] for k, v in measured.items()}
             results.append({
-                "verifier": verifier, "samples": len(data), "inline_per_s": inline, "workers_per_s": per_worker,
+                "verifier": verifier, "samples": sum(len(t) for _, t in data), "concurrency": args.concurrency,
+                "mean_score_inline": inline_score, "mean_score_workers": {k: v[1] for k, v in measured.items()}, "inline_per_s": inline, "workers_per_s": per_worker,
                 "ratio_to_inline": {k: v / inline for k, v in per_worker.items()},
             })
             log(f"{verifier}: inline {inline:,.0f}/s, 1 worker {per_worker['1']:,.0f}/s, 2 workers {per_worker['2']:,.0f}/s")

@@ -1,8 +1,10 @@
-"""Step time of the default job, broken down: generate / reward / train / sync / idle
-as the driver sees them, against the compute inside the actors measured in the same
-steps (vLLM's generate in the slowest generator, the learner's train step). Everything
-else is orchestration overhead: Ray calls and transfers, waiting on rewards, the
-weight sync, the driver's own bookkeeping.
+"""Step time of the default job, broken down: waiting for the batch / train / sync /
+idle as the driver sees them, against the compute inside the actors measured in the
+same steps (the slowest generator's engine steps, the learner's train step). With
+max_staleness 0 the driver waits for all of generation and scoring; with S > 0 the
+generators work while the learner trains, and the wait shrinks. Everything else is
+orchestration overhead: Ray calls and transfers, waiting on rewards, the weight sync,
+the driver's own bookkeeping.
 
     grpo bench step [--steps 12] [--warmup 2] [key.sub=value ...]
 
@@ -19,7 +21,7 @@ from typing import Any
 
 from benchmarks.common import DEFAULT_OUT, log, median, report
 
-PHASES = ["generate", "reward", "train", "sync", "idle"]
+PHASES = ["wait_batch", "train", "sync", "idle"]
 
 
 def breakdown(rows: list[dict[str, Any]], warmup: int) -> list[dict[str, float]]:
@@ -44,9 +46,7 @@ def plot(steps: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     parts = [
-        ("vLLM generate", lambda s: s["generate_compute_s"], "tab:blue"),
-        ("generate: rest", lambda s: s["generate_s"] - s["generate_compute_s"], "lightsteelblue"),
-        ("reward wait", lambda s: s["reward_s"], "tab:green"),
+        ("waiting for the batch", lambda s: s["wait_batch_s"], "tab:blue"),
         ("learner compute", lambda s: s["train_compute_s"], "tab:orange"),
         ("train: rest", lambda s: s["train_s"] - s["train_compute_s"], "navajowhite"),
         ("weight sync", lambda s: s["sync_s"], "tab:red"),
@@ -62,7 +62,8 @@ def plot(steps: list[dict], path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("seconds")
     share = median([s["overhead_s"] / s["period_s"] for s in steps])
-    ax.set_title(f"step time of the default job (orchestration overhead {share:.1%} of a step)")
+    ax.set_title(f"step time (engine busy {median([s['generate_compute_s'] / s['period_s'] for s in steps]):.0%}, "
+                 f"overhead {share:.1%} of a step)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -88,9 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load_config(None, [f"run.steps={args.steps}", *args.overrides])
     cfg.model.path = prepare_model(cfg, log)  # the default job's model (cached cold start)
+    start_ray()
     cfg.run.output_dir = str(Path(args.out) / "_runs")
     cfg.run.name = time.strftime("step-%Y%m%d-%H%M%S")
-    start_ray()
     try:
         summary = train(cfg, log=log)
     finally:
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     samples = cfg.run.prompts_per_step * cfg.rollout.n
     for row in rows:
-        row["samples"] = samples
-        row["tokens"] = row["response_length"] * samples
+        row["tokens"] = row["response_length"] * row["samples"]
     steps = breakdown(rows, args.warmup)
     med = {k: median([s[k] for s in steps]) for k in steps[0] if k != "step"}
     period = med["period_s"]

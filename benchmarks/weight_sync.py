@@ -14,7 +14,7 @@ import argparse
 import time
 from typing import Any
 
-from benchmarks.common import DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, start_ray
+from benchmarks.common import DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, resolved, start_ray
 
 
 class RawPeer:
@@ -170,7 +170,7 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
     resources free) the raw broadcasts and memcpy."""
     import ray
 
-    from cluster import driver, placement
+    from cluster import placement
 
     path, params = random_model(size, args.out)
     sizes = bucket_sizes(path, cfg.sync.bucket_mb)
@@ -179,20 +179,19 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
     reps = max(args.reps, min(15, round(200 * 2**20 / nbytes)))
     t0 = time.perf_counter()
     gens = placement.make_generators(path, cfg)
-    learners, pg = placement.make_learners(path, cfg, cfg.run.prompts_per_step * cfg.rollout.n)
-    ray.get([a.ready.remote() for a in gens + learners], timeout=900)
+    learners = placement.make_learner_group(path, cfg)
+    ray.get([a.ready.remote() for a in gens + learners.ranks], timeout=900)
     log(f"{size}: {params:,} parameters, {nbytes / 2**20:.0f} MiB in {len(sizes)} bucket(s); "
         f"learner and {len(gens)} generators ready in {time.perf_counter() - t0:.0f} s")
     out = []
     version = 0
     for k in args.generators:
-        driver.connect(learners, gens[:k], cfg.sync)
-        actors = driver.Actors(gens[:k], [], learners)
+        learners.connect(gens[:k])
         runs = []
         for rep in range(reps + 1):  # the first is a warm-up
             version += 1
             t = time.perf_counter()
-            sent = driver.push_weights(actors, version)
+            sent = learners.push(version)
             seconds = time.perf_counter() - t
             inside = ray.get([g.take_timings.remote() for g in gens[:k]])
             if rep:
@@ -213,9 +212,9 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
             "generator_finish_s": median([r["sync/finish"] for r in runs]),
             "runs": runs,
         })
-    for a in gens + learners:
+    for a in gens:
         ray.kill(a)
-    ray.util.remove_placement_group(pg)
+    learners.kill()
 
     # The engine's own load of the same buckets, alone on the machine.
     loader = ray.remote(EngineLoad).options(**placement.generator_options(cfg)).remote(path, cfg.rollout)
@@ -291,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load_config(None, [f"rollout.num_generators={max(args.generators)}", *args.overrides])
     start_ray()
+    cfg = resolved(cfg)
     results = []
     try:
         for size in args.sizes:

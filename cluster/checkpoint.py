@@ -27,6 +27,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save(learners: list[Any], run_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Every learner rank's DeepSpeed state, the HF export, then the run state (last)."""
     path = (run_dir / "checkpoints" / f"step-{state['step']}").resolve()
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)

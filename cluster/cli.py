@@ -68,11 +68,12 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     from cluster.driver import train
 
+    from cluster.placement import PlacementError
     from rewards.api import VerifierError
 
     try:
         summary = train(cfg, resume=resume)
-    except (DatasetError, FileNotFoundError, VerifierError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError, VerifierError, PlacementError) as e:
         print(f"grpo: {e}", file=sys.stderr)
         return 2
     w = 5

@@ -48,7 +48,12 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     """Keep the last M checkpoints."""
     seed: int = 0
-    """Seeds sampling: step s uses seed + s, so a run is reproducible."""
+    """Seeds sampling: every sample's seed is derived from it and the prompt's place in
+    the run (rollout/seeds.py), so a run is reproducible."""
+    max_staleness: int = Field(0, ge=0)
+    """S, in policy versions: a sample is trained on at most S versions after the oldest
+    version that produced it. 0: the synchronous loop (generators wait for each update);
+    S > 0: generators keep sampling the next S steps' prompts while the learner trains."""
     progress: bool = True
     """Show a progress bar."""
     dynamic_sampling: bool = False
@@ -64,13 +69,25 @@ class ClusterConfig(Section):
     `ray job submit` entrypoint runs in)."""
     num_cpus: int | None = None
     """CPUs of a locally started Ray (None: all)."""
-    generator_cpus: float = Field(0.5, ge=0)
+    generator_cpus: float | None = Field(None, ge=0)
+    """Logical CPUs per generator; None: a share of the cluster (see below)."""
     generator_gpus: float = Field(0.0, ge=0)
-    learner_cpus: float = Field(0.5, ge=0)
+    learner_cpus: float | None = Field(None, ge=0)
+    """Logical CPUs per learner rank; None: a share of the cluster."""
     learner_gpus: float = Field(0.0, ge=0)
-    reward_cpus: float = Field(0.25, ge=0)
-    threads_per_actor: int = Field(2, ge=1)
-    """torch/OpenMP threads in each generator and learner actor."""
+    reward_cpus: float | None = Field(None, ge=0)
+    """Logical CPUs per reward worker; None: 0.1 (they mostly wait on their verifier processes)."""
+    threads_per_actor: int | None = Field(None, ge=1)
+    """torch/OpenMP threads in each generator and learner actor; None: its CPU share,
+    rounded down, at least 1. Shares left at None split the cluster's CPUs evenly
+    between the generators and learner ranks (CPU-only jobs; with GPUs each gets 1),
+    so a default job never asks for more than the machine has."""
+    pin_cpus: bool = True
+    """On a single-node CPU-only cluster, pin each generator and learner rank to its own
+    cores (sched_setaffinity) when there is at least one whole core per actor: their
+    OpenMP threads then never compete for the same core."""
+    start_timeout_s: float = Field(300.0, gt=0)
+    """Every actor must be up within this many seconds, or the job fails naming it."""
 
 
 class Config(Section):
@@ -87,16 +104,6 @@ class Config(Section):
     def _consistent(self) -> "Config":
         if self.sync.backend == "nccl" and (self.cluster.generator_gpus == 0 or self.cluster.learner_gpus == 0):
             raise ValueError("sync.backend=nccl needs GPUs: set cluster.generator_gpus and cluster.learner_gpus")
-        if self.run.prompts_per_step % self.learner.num_ranks:
-            raise ValueError(
-                f"learner.num_ranks={self.learner.num_ranks} must divide run.prompts_per_step={self.run.prompts_per_step}"
-                " (each rank trains on whole groups)"
-            )
-        if self.run.prompts_per_step < self.rollout.num_generators:
-            raise ValueError("run.prompts_per_step must be >= rollout.num_generators")
-        if self.learner.zero_stage == 3 and self.learner.num_ranks > 1 and self.run.dynamic_sampling:
-            raise ValueError("run.dynamic_sampling with learner.zero_stage=3 on several ranks is not supported yet "
-                             "(ZeRO-3 ranks must run the same number of micro-batches)")
         if self.data.path is None and self.data.task is None:
             raise ValueError("data: set data.task or data.path")
         return self
@@ -129,6 +136,9 @@ def _describe(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] == "value_error":
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(msg if not e["loc"] or msg.startswith(key) else f"{key}: {msg}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

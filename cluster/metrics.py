@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rollout.types import Group, num_completion_tokens
+
 
 class MetricsLog:
     """metrics.jsonl of a run. keep_steps > 0 (a resume) keeps the rows of the steps
@@ -22,6 +24,31 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, Any]:
+    """One step's row: reward, accuracy, format, length and verifier counts over every
+    group sampled for it (dropped ones included), then the learner's metrics."""
+    samples = [s for g in groups for s in g.samples]
+    rewards = [r for g in groups for r in g.rewards]
+    out: dict[str, Any] = {
+        "reward_mean": sum(rewards) / len(rewards),
+        "response_length": num_completion_tokens(groups) / len(samples),
+        "truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "policy_version": min(s.version for s in samples),
+        "samples": len(samples),
+    }
+    for name in groups[0].reward_parts:
+        values = [v for g in groups for v in g.reward_parts[name]]
+        out[f"rewards/{name}"] = sum(values) / len(values)
+    for stat in ("timeouts", "errors", "cache_hits"):
+        out[f"reward/{stat}"] = sum(g.reward_stats[stat] for g in groups)
+    out["accuracy"] = out.get("rewards/accuracy", out.get("rewards/math", float("nan")))
+    out["format_rate"] = out.get("rewards/format", float("nan"))
+    out["kl"] = learner.get("train/kl", 0.0)
+    out["clip_frac"] = learner.get("train/clip_frac", 0.0)
+    out.update(learner)
+    return out
 
 
 def summarize(rows: list[dict[str, Any]], window: int = 5) -> dict[str, Any]:

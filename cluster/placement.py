@@ -1,11 +1,16 @@
 """Putting the actors on a Ray cluster: generators, reward workers, learner ranks.
 
 Every actor gets its resources from ClusterConfig; learner ranks share one placement
-group (PACK) so they land together. The same code serves CPU and GPU clusters.
+group (PACK) so they land together. What the job asks for is compared with what the
+cluster has before any actor is created, and every actor must come up within
+`cluster.start_timeout_s`: a job that cannot be placed fails at once, naming the
+role and the resources, instead of waiting forever. The same code serves CPU and
+GPU clusters.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -13,9 +18,19 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig, Config
+from cluster.learners import LearnerGroup
 from learner.learner import Learner
 from rewards.worker import RewardWorker
 from rollout.generator import ENGINE_ENV, Generator
+from rollout.host import CPU_SET_ENV
+
+GENERATOR_CONCURRENCY = 8
+"""Calls a generator actor serves at once (collect long-polls, submissions, weight
+sync, probes): the engine itself is only ever touched by its own loop thread."""
+
+
+class PlacementError(RuntimeError):
+    """The job cannot be placed on this cluster, or an actor did not come up."""
 
 
 def start_ray(cfg: ClusterConfig) -> None:
@@ -37,26 +52,113 @@ def start_ray(cfg: ClusterConfig) -> None:
         )
 
 
-def thread_env(cfg: ClusterConfig) -> dict[str, str]:
+REWARD_CPUS = 0.1
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+
+
+def resolve_resources(cfg: Config, nodes: list[dict[str, float]]) -> Config:
+    """A copy of cfg with every `None` (auto) share of `cluster:` filled in from the
+    cluster: CPU-only, the CPUs left after the reward workers' 0.1 each are split
+    evenly between generators and learner ranks (at most 8 each); with GPUs, one CPU
+    per GPU actor. Threads per actor: its share, rounded down, at least 1."""
+    c = cfg.cluster.model_copy()
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpu_job = bool(c.generator_gpus or c.learner_gpus)
+    if c.reward_cpus is None:
+        c.reward_cpus = REWARD_CPUS if not gpu_job else 1.0
+    fixed = c.reward_cpus * cfg.rewards.num_workers
+    fixed += (c.generator_cpus or 0.0) * cfg.rollout.num_generators + (c.learner_cpus or 0.0) * cfg.learner.num_ranks
+    auto = (c.generator_cpus is None) * cfg.rollout.num_generators + (c.learner_cpus is None) * cfg.learner.num_ranks
+    share = 1.0 if gpu_job else min(8.0, int(max(cpus - fixed, 0.0) / max(auto, 1) * 100) / 100)
+    if c.generator_cpus is None:
+        c.generator_cpus = share
+    if c.learner_cpus is None:
+        c.learner_cpus = share
+    if c.threads_per_actor is None:
+        c.threads_per_actor = max(1, int(min(c.generator_cpus, c.learner_cpus) + 1e-6))
+    return cfg.model_copy(update={"cluster": c})
+
+
+def core_sets(cfg: Config, nodes: list[dict[str, float]]) -> dict[str, list[int]]:
+    """Cores each generator ("generator i") and learner rank ("learner i") pins itself
+    to: only on one CPU-only node with a whole core per actor; else nothing is pinned."""
+    c = cfg.cluster
+    if not c.pin_cpus or len(nodes) != 1 or c.generator_gpus or c.learner_gpus:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    names = [f"learner {i}" for i in range(cfg.learner.num_ranks)] + [f"generator {i}" for i in range(cfg.rollout.num_generators)]
+    per = c.threads_per_actor
+    if per * len(names) > len(cores) or min(c.generator_cpus, c.learner_cpus) < 1.0 - 1e-6:
+        return {}
+    return {name: cores[k * per : (k + 1) * per] for k, name in enumerate(names)}
+
+
+def thread_env(cfg: ClusterConfig, cores: list[int] | None = None) -> dict[str, str]:
     n = str(cfg.threads_per_actor)
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    if cores:
+        env[CPU_SET_ENV] = ",".join(map(str, cores))
+    return env
 
 
-def generator_options(cfg: Config) -> dict[str, Any]:
+@dataclass
+class Role:
+    name: str
+    count: int
+    resources: dict[str, float]
+
+
+def demand(cfg: Config) -> list[Role]:
+    """What the job asks of the cluster, per actor, by role."""
+    c = cfg.cluster
+
+    def res(cpus: float, gpus: float) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+
+    return [Role("generator", cfg.rollout.num_generators, res(c.generator_cpus, c.generator_gpus)),
+            Role("reward worker", cfg.rewards.num_workers, res(c.reward_cpus, 0)),
+            Role("learner rank", cfg.learner.num_ranks, res(c.learner_cpus, c.learner_gpus))]
+
+
+def check_fits(roles: list[Role], nodes: list[dict[str, float]]) -> None:
+    """Place every actor, largest first, on the nodes' resources (first fit); raise
+    PlacementError naming the first role that does not fit and what it lacks."""
+    free = [dict(n) for n in nodes]
+    actors = [(role, k) for role in roles for k in range(role.count)]
+    actors.sort(key=lambda a: -sum(a[0].resources.values()))
+    for role, k in actors:
+        node = next((n for n in free if all(n.get(r, 0.0) >= v - 1e-9 for r, v in role.resources.items())), None)
+        if node is None:
+            total = {r: sum(x.count * x.resources.get(r, 0.0) for x in roles) for x in roles for r in x.resources}
+            have = {r: sum(n.get(r, 0.0) for n in nodes) for r in total}
+            asks = ", ".join(f"{x.count} {x.name}(s) x {x.resources}" for x in roles)
+            raise PlacementError(
+                f"the job does not fit on this Ray cluster: {role.name} {k} needs {role.resources} and no node has it "
+                f"left. The job asks for {total} in all ({asks}); the cluster has {have} "
+                f"on {len(nodes)} node(s). Lower cluster.*_cpus/_gpus or the actor counts, or add resources.")
+        for r, v in role.resources.items():
+            node[r] -= v
+
+
+def generator_options(cfg: Config, index: int = 0) -> dict[str, Any]:
     """Ray options of a generator actor (benchmarks give raw engines the same)."""
     # A variable the user exported wins over our defaults.
-    env = {**ENGINE_ENV, **thread_env(cfg.cluster)}
+    cores = core_sets(cfg, alive_nodes()).get(f"generator {index}")
+    env = {**ENGINE_ENV, **thread_env(cfg.cluster, cores)}
     env.update({k: os.environ[k] for k in env if k in os.environ})
     return {"num_cpus": cfg.cluster.generator_cpus, "num_gpus": cfg.cluster.generator_gpus,
-            "runtime_env": {"env_vars": env}}
+            "runtime_env": {"env_vars": env}, "max_concurrency": GENERATOR_CONCURRENCY}
 
 
-def make_generators(model_path: str, cfg: Config) -> list[Any]:
-    actor = ray.remote(Generator)
-    return [
-        actor.options(**generator_options(cfg)).remote(model_path, cfg.rollout, i)
-        for i in range(cfg.rollout.num_generators)
-    ]
+def make_generator(model_path: str, cfg: Config, index: int, version: int = 0) -> Any:
+    return ray.remote(Generator).options(**generator_options(cfg, index)).remote(model_path, cfg.rollout, index, version)
+
+
+def make_generators(model_path: str, cfg: Config, version: int = 0) -> list[Any]:
+    return [make_generator(model_path, cfg, i, version) for i in range(cfg.rollout.num_generators)]
 
 
 def make_reward_workers(cfg: Config) -> list[Any]:
@@ -83,9 +185,11 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tupl
         bundle["GPU"] = cfg.cluster.learner_gpus
     pg = placement_group([bundle] * n, strategy="PACK")
     try:
-        ray.get(pg.ready(), timeout=600)
+        ray.get(pg.ready(), timeout=cfg.cluster.start_timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise RuntimeError(f"the cluster cannot place {n} learner rank(s) of {bundle} (PACK) within 600 s") from None
+        ray.util.remove_placement_group(pg)
+        raise PlacementError(f"the cluster cannot place {n} learner rank(s) of {bundle} (PACK) "
+                             f"within cluster.start_timeout_s={cfg.cluster.start_timeout_s:g} s") from None
     # Rank 0 hosts the DeepSpeed rendezvous: take an address and port on its node.
     master_addr, master_port = ray.get(
         _address_and_port.options(
@@ -94,12 +198,13 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tupl
     )
     actor = ray.remote(Learner)
     dist_backend = "nccl" if cfg.cluster.learner_gpus else "gloo"
+    cores = core_sets(cfg, alive_nodes())
     learners = [
         actor.options(
             num_cpus=cfg.cluster.learner_cpus,
             num_gpus=cfg.cluster.learner_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": thread_env(cfg.cluster)},
+            runtime_env={"env_vars": thread_env(cfg.cluster, cores.get(f"learner {rank}"))},
         ).remote(
             model_path, cfg.learner, rank, n, master_addr, master_port,
             sequences_per_step, cfg.run.steps, cfg.rollout.temperature, cfg.rollout.max_tokens, dist_backend,
@@ -107,3 +212,26 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tupl
         for rank in range(n)
     ]
     return learners, pg
+
+
+def make_learner_group(model_path: str, cfg: Config) -> LearnerGroup:
+    ranks, pg = make_learners(model_path, cfg, cfg.run.prompts_per_step * cfg.rollout.n)
+    return LearnerGroup(ranks, pg, cfg)
+
+
+def wait_ready(actors: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """ray.get every actor's ready() within timeout_s; -> name -> its answer. An actor
+    that fails to start, or is not up in time, raises PlacementError naming it."""
+    refs = {a.ready.remote(): name for name, a in actors.items()}
+    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        names = ", ".join(refs[r] for r in pending)
+        raise PlacementError(f"not up within cluster.start_timeout_s={timeout_s:g} s: {names} "
+                             "(not placed, or still starting: see the actor's log)")
+    out = {}
+    for ref in done:
+        try:
+            out[refs[ref]] = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            raise PlacementError(f"{refs[ref]} failed to start: {e}") from e
+    return out

@@ -8,15 +8,27 @@ Shapes: G groups of n samples; B sequences; T completion positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    class _Torch:
+        """torch, imported on first use: the config checks names against these
+        registries when it loads, without paying torch's import (~3 s)."""
+
+        def __getattr__(self, name: str):
+            import torch as _torch
+
+            return getattr(_torch, name)
+
+    torch = _Torch()
 
 
 @dataclass
 class LossInputs:
     logprobs: torch.Tensor  # (B, T) current policy, with grad
-    old_logprobs: torch.Tensor  # (B, T) the policy that sampled (recomputed), no grad
+    old_logprobs: torch.Tensor  # (B, T) the proximal policy (the learner before this step's update), no grad
     advantages: torch.Tensor  # (B,)
     mask: torch.Tensor  # (B, T) 1 on completion tokens that count
     clip_low: float
@@ -163,9 +175,12 @@ def seq_mean_token_sum_norm(values: torch.Tensor, mask: torch.Tensor, norm: Norm
 
 
 # ------------------------------------------------------------------------- KL
+# As loss terms (kl_coef * estimator, differentiated through logprobs; tokens are
+# sampled from the policy pi): k1's expected gradient is 0 on-policy (E_pi[grad log pi]
+# = 0), so it only adds noise; k2's is grad KL(pi || ref); k3's is grad KL(ref || pi).
 @_register(KL_ESTIMATORS, "k1")
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """log(pi / ref): unbiased, can be negative per token."""
+    """log(pi / ref): unbiased estimate of KL(pi || ref), can be negative per token."""
     return logprobs - ref_logprobs
 
 
@@ -177,25 +192,74 @@ def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 @_register(KL_ESTIMATORS, "k3")
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3: exp(d) - d - 1, d = ref - logp. Unbiased, always >= 0."""
+    """Schulman's k3: exp(d) - d - 1, d = ref - logp. Unbiased for KL(pi || ref), >= 0."""
     d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1.0
 
 
+# ------------------------------------------------------ off-policy correction
+class ISCorrectionFn(Protocol):
+    def __call__(self, proximal: torch.Tensor, behaviour: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        """logprobs (B, T) of the proximal policy (the learner, before this step's
+        update) and of the behaviour policy (the sampler) -> per-token weight (B, T),
+        0 where a token is masked out. No gradient flows through it."""
+
+
+IS_CORRECTIONS: dict[str, ISCorrectionFn] = {}
+
+
+@_register(IS_CORRECTIONS, "none")
+def no_correction(proximal: torch.Tensor, behaviour: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Treat the samples as on-policy: weight 1."""
+    return torch.ones_like(proximal)
+
+
+@_register(IS_CORRECTIONS, "tis")
+def truncated_is(proximal: torch.Tensor, behaviour: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Truncated importance sampling (verl/slime): min(pi_prox / pi_behaviour, high) per token."""
+    return torch.exp(proximal - behaviour).clamp(max=high)
+
+
+@_register(IS_CORRECTIONS, "mask")
+def masked_is(proximal: torch.Tensor, behaviour: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """IcePop: tokens whose ratio pi_prox / pi_behaviour falls outside [low, high] get
+    no loss; the others weight 1."""
+    ratio = torch.exp(proximal - behaviour)
+    return ((ratio >= low) & (ratio <= high)).to(proximal.dtype)
+
+
+def mismatch_kl(proximal: torch.Tensor, behaviour: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(behaviour || proximal) on tokens drawn from the
+    behaviour policy: r - 1 - log r, r = pi_prox / pi_behaviour (>= 0)."""
+    log_r = proximal - behaviour
+    return torch.exp(log_r) - 1.0 - log_r
+
+
 # ---------------------------------------------------------------- log-probs
+def logprobs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, T, V) predicting targets (B, T) -> (logprob of each target (B, T), with
+    grad; entropy of each position's distribution (B, T), no grad), in fp32, logits
+    divided by the sampling temperature as the sampler did.
+
+    The logprob is gather - logsumexp (no (B, T, V) log-softmax kept for backward);
+    the entropy is computed in chunks of rows, so at most one chunk of fp32
+    probabilities exists beside the logits."""
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    logz = torch.logsumexp(scaled, dim=-1)  # (B, T)
+    logp = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    with torch.no_grad():
+        flat, flat_logz = scaled.detach().reshape(-1, scaled.shape[-1]), logz.detach().reshape(-1)
+        ent = torch.empty_like(flat_logz)
+        for i in range(0, flat.shape[0], chunk_rows):
+            z = flat[i : i + chunk_rows]
+            p = torch.softmax(z, dim=-1)
+            ent[i : i + chunk_rows] = flat_logz[i : i + chunk_rows] - (p * z).sum(dim=-1)
+    return logp, ent.reshape(logz.shape)
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits (B, T, V) predicting targets (B, T) -> logprob of each target (B, T),
-    in fp32, logits divided by the sampling temperature as the sampler did."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits (B, T, V) -> entropy of each position's distribution (B, T), fp32."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    """logits (B, T, V) -> logprob of each target (B, T), fp32, at the sampling temperature."""
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    return scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)

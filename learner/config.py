@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rollout.config import Section
 
@@ -58,11 +58,11 @@ class LearnerConfig(Section):
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per rollout batch (the batch is split in as many mini-batches)."""
     advantage: str = "grpo"
-    """Advantage estimator, by registered name (learner/algos.py)."""
+    """Advantage estimator, by registered name (learner/algos.py ADVANTAGES)."""
     policy_loss: str = "ppo_clip"
-    """Policy loss, by registered name (learner/algos.py)."""
-    reduction: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    """How per-token losses become one number (learner/algos.py), over the global batch."""
+    """Policy loss, by registered name (learner/algos.py POLICY_LOSSES)."""
+    reduction: str = "token_mean"
+    """How per-token losses become one number, over the global batch (learner/algos.py REDUCTIONS)."""
     clip_low: float = Field(0.2, gt=0)
     """Ratio clipped below at 1 - clip_low."""
     clip_high: float = Field(0.2, gt=0)
@@ -73,6 +73,35 @@ class LearnerConfig(Section):
     """Added to the group std before dividing."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the frozen reference model; 0 skips the reference."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator (Schulman's k1, k2, k3)."""
+    reference_path: str | None = None
+    """The frozen KL reference (an HF model directory); None: the model the run starts
+    from (also on --resume, where the policy comes from the checkpoint)."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator (Schulman's k1, k2, k3; learner/algos.py KL_ESTIMATORS)."""
+    is_correction: str = "tis"
+    """Off-policy correction of the sampler/learner mismatch, per token, by the ratio
+    pi_proximal / pi_behaviour (learner/algos.py IS_CORRECTIONS): `none`, `tis`
+    (truncated importance sampling, weight min(ratio, is_threshold_high)) or `mask`
+    (IcePop: tokens with a ratio outside [is_threshold_low, is_threshold_high] get no loss)."""
+    is_threshold_low: float = Field(0.5, ge=0)
+    is_threshold_high: float = Field(2.0, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _names(self) -> "LearnerConfig":
+        from learner import algos
+
+        for key, table in (("advantage", algos.ADVANTAGES), ("policy_loss", algos.POLICY_LOSSES),
+                           ("reduction", algos.REDUCTIONS), ("kl_estimator", algos.KL_ESTIMATORS),
+                           ("is_correction", algos.IS_CORRECTIONS)):
+            if getattr(self, key) not in table:
+                raise ValueError(f"learner.{key}: unknown name {getattr(self, key)!r}; choices: {sorted(table)}")
+        if self.policy_loss == "gspo" and self.reduction != "seq_mean_token_mean":
+            raise ValueError(
+                f"learner.policy_loss=gspo needs learner.reduction=seq_mean_token_mean (got {self.reduction!r}): "
+                "GSPO's sequence-level ratio is defined with a per-sequence token mean"
+            )
+        if self.is_threshold_low >= self.is_threshold_high:
+            raise ValueError(f"learner.is_threshold_low={self.is_threshold_low} must be below "
+                             f"learner.is_threshold_high={self.is_threshold_high}")
+        return self

@@ -1,8 +1,11 @@
 """One learner rank: a DeepSpeed engine in a Ray actor (wrapped by cluster/placement.py).
 
-train_step: scored groups -> group-relative advantages -> recomputed old logprobs ->
-clipped policy-gradient updates (optionally KL to a frozen reference) -> metrics.
-Rank 0 also streams the new weights to the generators (learner/broadcast.py).
+train_step: scored groups -> group-relative advantages -> the step's schedule (the
+same for every rank, learner/schedule.py) -> clipped policy-gradient updates with
+the off-policy correction (optionally KL to a frozen reference) -> metrics reduced
+over every rank. Rank 0 also streams the new weights to the generators
+(learner/broadcast.py). A non-finite gradient skips the optimizer step on every
+rank, and weights that are not finite are never sent.
 """
 from __future__ import annotations
 
@@ -11,56 +14,46 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from learner import algos
+from learner.batch import Micro, Sequence, build_micro, counts, dummy_micro, flatten
 from learner.config import LearnerConfig
+from learner.schedule import StepPlan, micro_and_accumulation
 from rollout.config import WeightSyncConfig
-from rollout.types import Group
+from rollout.host import node_id, pin_from_env
+from rollout.types import Group, check_scored
+
+_SUMS = ("loss", "kl", "clip_frac", "entropy", "sampler_logprob_diff", "mismatch_kl", "is_weight", "is_masked",
+         "tokens", "nonfinite_losses")
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, L) right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    loss_mask: torch.Tensor  # (B, L-1): 1 where the target input_ids[:, t+1] is a completion token
-    advantages: torch.Tensor  # (B,)
-    sampler_logprobs: torch.Tensor  # (B, L-1) the generator's logprobs, 0 off-mask
-
-    def _fields(self) -> tuple[torch.Tensor, ...]:
-        return (self.input_ids, self.attention_mask, self.loss_mask, self.advantages, self.sampler_logprobs)
-
-    def slice(self, start: int, stop: int) -> "Batch":
-        return Batch(*(t[start:stop] for t in self._fields()))
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(*(t.to(device) for t in self._fields()))
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
+class NonFiniteWeights(RuntimeError):
+    """The policy's weights hold NaN or inf: they must not reach the generators."""
 
 
-def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int, mask_truncated: bool = False) -> Batch:
-    """Flatten groups into padded tensors; advantages (G, n) in the groups' order.
-    mask_truncated: samples cut at max_tokens get no loss (DAPO's overlong filtering)."""
-    seqs = [(g.prompt_ids, s) for g in groups for s in g.samples]
-    length = max(len(p) + len(s.completion_ids) for p, s in seqs)
-    B = len(seqs)
-    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, length), dtype=torch.long)
-    loss_mask = torch.zeros((B, length - 1))
-    sampler = torch.zeros((B, length - 1))
-    for i, (prompt, s) in enumerate(seqs):
-        P, C = len(prompt), len(s.completion_ids)
-        input_ids[i, : P + C] = torch.tensor(list(prompt) + list(s.completion_ids))
-        attention[i, : P + C] = 1
-        loss_mask[i, P - 1 : P + C - 1] = 0.0 if (mask_truncated and s.finish_reason == "length") else 1.0
-        sampler[i, P - 1 : P + C - 1] = torch.tensor(s.logprobs)
-    return Batch(input_ids, attention, loss_mask, advantages.reshape(-1).float(), sampler)
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips its step, on every rank, when any rank's gradient holds NaN
+    or inf (DeepSpeed itself skips such steps only for some stages and dtypes).
+    Under ZeRO the parameters here are each rank's partition: the flag is all-reduced."""
+
+    def __init__(self, params, **kw) -> None:
+        super().__init__(params, **kw)
+        self.skipped = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.tensor([float(all(bool(torch.isfinite(g).all()) for g in grads))], dtype=torch.float64)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1.0:
+            self.skipped += 1
+            return None
+        return super().step(closure)
 
 
 def deepspeed_config(cfg: LearnerConfig, micro: int, accumulation: int, world: int) -> dict[str, Any]:
@@ -71,11 +64,7 @@ def deepspeed_config(cfg: LearnerConfig, micro: int, accumulation: int, world: i
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "optimizer": {
-            "type": "AdamW",
-            # torch's AdamW: no 30-50 s op compilation on first use.
-            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay, "torch_adam": True},
-        },
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -109,6 +98,7 @@ class Learner:
         max_tokens: int,
         dist_backend: str = "gloo",
     ) -> None:
+        self.cores = pin_from_env()
         os.environ.update(
             RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
@@ -120,109 +110,83 @@ class Learner:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.model_path = model_path
         self.temperature, self.max_tokens = temperature, max_tokens
-        # Resolved once: an unknown name fails here, when the actor starts.
         self.policy_loss = algos.lookup(algos.POLICY_LOSSES, cfg.policy_loss, "policy loss")
         self.reduce = algos.lookup(algos.REDUCTIONS, cfg.reduction, "reduction")
         self.kl = algos.lookup(algos.KL_ESTIMATORS, cfg.kl_estimator, "KL estimator")
-        algos.lookup(algos.ADVANTAGES, cfg.advantage, "advantage estimator")
+        self.advantage = algos.lookup(algos.ADVANTAGES, cfg.advantage, "advantage estimator")
+        self.is_correction = algos.lookup(algos.IS_CORRECTIONS, cfg.is_correction, "IS correction")
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
         deepspeed.init_distributed(dist_backend=dist_backend)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        # Sequences one rank sees per optimizer step -> micro-batches to accumulate.
-        per_update = math.ceil(sequences_per_step / world_size / cfg.updates_per_step)
-        self.micro = min(cfg.micro_batch_size, per_update)
-        self.accumulation = math.ceil(per_update / self.micro)
+        self.micro, self.accumulation = micro_and_accumulation(sequences_per_step, world_size, cfg.updates_per_step,
+                                                               cfg.micro_batch_size)
         schedule = functools.partial(lr_factor, cfg=cfg, total=total_steps * cfg.updates_per_step)
+        self.optimizer = GuardedAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                      betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        ds_config = deepspeed_config(cfg, self.micro, self.accumulation, world_size)
         self.engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, self.micro, self.accumulation, world_size),
+            model=model, optimizer=self.optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.ref = None
         if cfg.kl_coef > 0:  # the frozen reference: sharded like the policy under ZeRO-3
-            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+            ref = AutoModelForCausalLM.from_pretrained(cfg.reference_path or model_path, dtype=torch.float32).eval()
             ref.requires_grad_(False)
             if cfg.zero_stage == 3:
-                ref_config = {k: v for k, v in deepspeed_config(cfg, self.micro, self.accumulation, world_size).items()
-                              if k not in ("optimizer", "gradient_clipping")}
+                ref_config = {k: v for k, v in ds_config.items() if k != "gradient_clipping"}
                 ref = deepspeed.initialize(model=ref, config=ref_config)[0].module
             self.ref = ref.to(self.engine.device)
         self.broadcaster = None
         self.steps_done = 0
 
     # ----------------------------------------------------------------- training
-    def _forward(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(self, model, micro: Micro) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (logprob of each next token (B, L-1), its distribution's entropy (B, L-1), no grad)."""
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logp = algos.token_logprobs(logits, batch.input_ids[:, 1:], self.temperature)
-        with torch.no_grad():
-            ent = algos.entropy(logits, self.temperature)
-        return logp, ent
+        logits = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits[:, :-1]
+        return algos.logprobs_and_entropy(logits, micro.input_ids[:, 1:], self.temperature)
 
-    @torch.no_grad()
-    def _score(self, model, batch: Batch) -> torch.Tensor:
-        out = []
-        for start in range(0, len(batch), self.micro):
-            logits = model(input_ids=batch.input_ids[start : start + self.micro],
-                           attention_mask=batch.attention_mask[start : start + self.micro]).logits[:, :-1]
-            out.append(algos.token_logprobs(logits, batch.input_ids[start : start + self.micro, 1:], self.temperature))
-        return torch.cat(out)
+    def _micro(self, seqs: list[Sequence], lo: int, hi: int) -> Micro:
+        micro = build_micro(seqs[lo:hi], self.pad_id, self.cfg.mask_truncated) if hi > lo else dummy_micro(self.pad_id)
+        return micro.to(self.engine.device)
 
-    def _global_sum(self, value: float) -> float:
+    def _global_sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
         torch.distributed.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
 
-    def train_step(
-        self, groups: list[Group], shard: tuple[int, int] | None = None, capture_gradients: bool = False
-    ) -> dict[str, Any]:
-        """One rollout batch -> cfg.updates_per_step optimizer steps on this rank's
-        shard (groups[start:stop]; all when None). Advantages see every group of the
-        step (batch-level estimators need them). Returns metrics over the shard;
-        capture_gradients adds "gradients": the first update's final (reduced)
-        gradient per parameter, for equivalence checks."""
+    def train_step(self, groups: list[Group], plan: StepPlan, capture_gradients: bool = False) -> dict[str, Any]:
+        """One rollout batch -> len(plan.updates) optimizer steps; this rank trains on
+        its slices of the plan. Advantages see every group of the step (batch-level
+        estimators need them). Returns metrics over every rank; capture_gradients adds
+        "gradients": the first update's final (reduced) gradient per parameter."""
         t0 = time.perf_counter()
+        for g in groups:
+            check_scored(g, f"learner rank {self.rank}")
+        if plan.world != self.world_size or plan.accumulation != self.accumulation:
+            raise ValueError(f"learner rank {self.rank}: the step plan is for {plan.world} ranks x {plan.accumulation} "
+                             f"micro-steps, this learner runs {self.world_size} x {self.accumulation}")
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)  # (G, n)
-        advantages = algos.lookup(algos.ADVANTAGES, self.cfg.advantage, "advantage estimator")(rewards, self.cfg.adv_eps)
-        start, stop = shard or (0, len(groups))
-        batch = build_batch(groups[start:stop], advantages[start:stop], self.pad_id, self.cfg.mask_truncated)
-        batch = batch.to(self.engine.device)
-
-        self.engine.eval()  # no dropout in the recomputation
-        old_logprobs = self._score(self.engine.module, batch)
-        ref_logprobs = self._score(self.ref, batch) if self.ref is not None else None
-        self.engine.train()
-
-        sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "tokens": 0.0}
-        sums["sampler_logprob_diff"] = float(((old_logprobs - batch.sampler_logprobs).abs() * batch.loss_mask).sum())
-        grad_norms: list[float] = []
-        minibatch = math.ceil(len(batch) / self.cfg.updates_per_step)
-        for m_start in range(0, len(batch), minibatch):
-            mini = batch.slice(m_start, m_start + minibatch)
-            # Sizes of the whole mini-batch on every rank, however it is split.
-            norm = algos.Normaliser(
-                tokens=self._global_sum(float(mini.loss_mask.sum())),
-                sequences=self._global_sum(float((mini.loss_mask.sum(dim=-1) > 0).sum())),
-                constant=float(self.max_tokens),
-            )
-            micro_slices = [(s, min(s + self.micro, len(mini))) for s in range(0, len(mini), self.micro)]
-            if len(micro_slices) > self.accumulation:
-                raise ValueError(
-                    f"rank {self.rank}: {len(mini)} sequences in one update exceed the configured "
-                    f"{self.micro} x {self.accumulation} (sequences_per_step / ranks / updates_per_step)"
-                )
-            for k in range(self.accumulation):
-                lo, hi = micro_slices[k] if k < len(micro_slices) else (len(mini), len(mini))
-                lo, hi = m_start + lo, m_start + hi
-                loss = self._micro_step(batch.slice(lo, hi), old_logprobs[lo:hi],
-                                        None if ref_logprobs is None else ref_logprobs[lo:hi], norm, sums)
+        seqs = flatten(groups, self.advantage(rewards, self.cfg.adv_eps))
+        if len(seqs) != plan.num_sequences:
+            raise ValueError(f"learner rank {self.rank}: {len(seqs)} sequences, the plan was made for {plan.num_sequences}")
+        # The proximal policy (the weights before this step's first update): only a
+        # separate pass when there are several updates; otherwise the training forward is it.
+        proximal = self._proximal(seqs, plan) if len(plan.updates) > 1 else None
+        sums = dict.fromkeys(_SUMS, 0.0)
+        grad_norms, captured, skipped_before = [], None, self._skipped()
+        for u in plan.updates:
+            tokens, sequences = counts(seqs[u.start : u.stop], self.cfg.mask_truncated)
+            # Sizes of the whole mini-batch, over every rank: the split does not change the gradient.
+            norm = algos.Normaliser(tokens=max(tokens, 1.0), sequences=max(sequences, 1.0), constant=float(self.max_tokens))
+            for k, (lo, hi) in enumerate(u.micro[self.rank]):
+                micro = self._micro(seqs, lo, hi)
+                loss = self._loss(micro, None if proximal is None else proximal[(lo, hi)], norm, sums)
                 # DeepSpeed averages gradients over ranks: undo it (the normaliser is global).
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                boundary = k == self.accumulation - 1
-                if boundary and capture_gradients and not grad_norms:
+                boundary = k == len(u.micro[self.rank]) - 1
+                if boundary and capture_gradients and captured is None:
                     captured = self._full_gradients()
                 # Stage 0 keeps plain .grad (gone after step); ZeRO's optimizers compute the norm in step().
                 norm_before = self._local_grad_norm() if boundary and self.cfg.zero_stage == 0 else None
@@ -230,14 +194,65 @@ class Learner:
                 if boundary:
                     grad_norms.append(norm_before if norm_before is not None else float(self.engine.get_global_grad_norm() or 0.0))
         self.steps_done += 1
-        tokens = sums.pop("tokens")
-        metrics = {f"train/{k}": v / max(tokens, 1.0) for k, v in sums.items()}
-        metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        metrics["train/lr"] = float(self.engine.get_lr()[0])
-        metrics["train/seconds"] = time.perf_counter() - t0
+        totals = dict(zip(_SUMS, self._global_sum([sums[k] for k in _SUMS])))
+        tokens = max(totals.pop("tokens"), 1.0)
+        nonfinite = totals.pop("nonfinite_losses")
+        metrics = {f"train/{k}": v / tokens for k, v in totals.items()}
+        metrics["train/is_weight_mean"] = metrics.pop("train/is_weight")
+        metrics["train/is_masked_frac"] = metrics.pop("train/is_masked")
+        metrics.update({"train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": float(self.engine.get_lr()[0]),
+                        "train/skipped_updates": float(self._skipped() - skipped_before),
+                        "train/nonfinite_losses": nonfinite, "train/updates": float(len(plan.updates)),
+                        "train/seconds": time.perf_counter() - t0})
         if capture_gradients:
             metrics["gradients"] = captured
         return metrics
+
+    def _skipped(self) -> int:
+        """Optimizer steps skipped for non-finite gradients (ours and DeepSpeed's own)."""
+        return self.optimizer.skipped + int(getattr(self.engine, "skipped_steps", 0))
+
+    @torch.no_grad()
+    def _proximal(self, seqs: list[Sequence], plan: StepPlan) -> dict[tuple[int, int], torch.Tensor]:
+        """Logprobs of every slot of this rank's schedule under the current weights
+        (padding slots run too: ZeRO-3 gathers parameters in every forward)."""
+        self.engine.eval()  # no dropout in the recomputation
+        out = {}
+        for u in plan.updates:
+            for lo, hi in u.micro[self.rank]:
+                out[(lo, hi)] = self._logprobs(self.engine.module, self._micro(seqs, lo, hi))[0]
+        self.engine.train()
+        return out
+
+    def _loss(self, micro: Micro, proximal: torch.Tensor | None, norm: algos.Normaliser, sums: dict) -> torch.Tensor:
+        logp, ent = self._logprobs(self.engine.module, micro)
+        prox = logp.detach() if proximal is None else proximal
+        mask = micro.loss_mask
+        weight = self.is_correction(prox, micro.behaviour, self.cfg.is_threshold_low, self.cfg.is_threshold_high) * mask
+        per_token, clipped = self.policy_loss(
+            algos.LossInputs(logp, prox, micro.advantages, mask, self.cfg.clip_low, self.cfg.clip_high)
+        )
+        per_token = per_token * weight.detach()
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp = algos.token_logprobs(self.ref(input_ids=micro.input_ids, attention_mask=micro.attention_mask)
+                                                .logits[:, :-1], micro.input_ids[:, 1:], self.temperature)
+            kl = self.kl(logp, ref_logp)
+            per_token = per_token + self.cfg.kl_coef * kl
+            sums["kl"] += float((kl.detach() * mask).sum())
+        loss = self.reduce(per_token, mask, norm)
+        if not torch.isfinite(loss):  # the guarded optimizer skips this update on every rank
+            sums["nonfinite_losses"] += 1.0
+            return loss
+        sums["loss"] += float((per_token.detach() * mask).sum())
+        sums["clip_frac"] += float((clipped * mask).sum())
+        sums["entropy"] += float((ent * mask).sum())
+        sums["sampler_logprob_diff"] += float(((prox - micro.behaviour).abs() * mask).sum())
+        sums["mismatch_kl"] += float((algos.mismatch_kl(prox, micro.behaviour) * mask).sum())
+        sums["is_weight"] += float(weight.sum())
+        sums["is_masked"] += float(((weight == 0) * mask).sum())
+        sums["tokens"] += float(mask.sum())
+        return loss
 
     def _full_gradients(self) -> dict[str, Any]:
         """The accumulated, reduced gradient of every parameter (gathered under ZeRO;
@@ -256,23 +271,12 @@ class Learner:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
-    def _micro_step(self, micro: Batch, old_logprobs, ref_logprobs, norm: algos.Normaliser, sums) -> torch.Tensor:
-        if len(micro) == 0:  # an empty slot keeps DeepSpeed's accumulation count aligned
-            return sum(p.sum() * 0.0 for p in self.engine.module.parameters())
-        logp, ent = self._forward(self.engine.module, micro)
-        mask = micro.loss_mask
-        per_token, clipped = self.policy_loss(
-            algos.LossInputs(logp, old_logprobs, micro.advantages, mask, self.cfg.clip_low, self.cfg.clip_high)
-        )
-        if ref_logprobs is not None:
-            kl = self.kl(logp, ref_logprobs)
-            per_token = per_token + self.cfg.kl_coef * kl
-            sums["kl"] += float((kl.detach() * mask).sum())
-        sums["loss"] += float((per_token.detach() * mask).sum())
-        sums["clip_frac"] += float((clipped * mask).sum())
-        sums["entropy"] += float((ent * mask).sum())
-        sums["tokens"] += float(mask.sum())
-        return self.reduce(per_token, mask, norm)
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite, on every rank (each checks what it holds:
+        the full model, or its ZeRO-3 partition). A collective: every rank calls it."""
+        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())
+                    for p in self.engine.module.parameters())
+        return self._global_sum([0.0 if local else 1.0])[0] == 0.0
 
     # ------------------------------------------------------------ weights out
     def connect_generators(self, generators: list[Any] | None, engine_world_sizes: list[int] | None,
@@ -293,7 +297,11 @@ class Learner:
 
     def broadcast_weights(self, version: int) -> dict[str, float]:
         """Every rank is called; under ZeRO-3 all join the per-bucket gathers, otherwise
-        only rank 0 (which holds full weights) has work."""
+        only rank 0 (which holds full weights) sends. Weights that are not finite are
+        refused before anything is sent (the generators keep their last good weights)."""
+        if not self.weights_finite():
+            raise NonFiniteWeights(f"learner rank {self.rank}: the policy holds non-finite weights; "
+                                   f"version {version} is not sent to the generators")
         if self.broadcaster.client is None and self.cfg.zero_stage < 3:
             return {}
         return self.broadcaster.send(version)
@@ -342,5 +350,5 @@ class Learner:
     def state_dict_numpy(self) -> dict[str, Any]:
         return {k: v.float().numpy() for k, v in self._full_state_dict().items()}
 
-    def ready(self) -> int:
-        return self.rank
+    def ready(self) -> dict[str, Any]:
+        return {"rank": self.rank, "node_id": node_id(), "pid": os.getpid(), "cores": self.cores}

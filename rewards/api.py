@@ -1,6 +1,6 @@
 """The verifier contract, and how a name in the config becomes a verifier.
 
-THE SIGNATURE (the one place it is written; tests/test_verifier_contract.py checks
+THE SIGNATURE (the one place it is written; test_verifier_contract in tests/test_verifiers.py checks
 every built-in and an example plug-in against it):
 
     verifier(completion: str, fields: dict, **args) -> float | Score | (float, dict)

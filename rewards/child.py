@@ -4,7 +4,9 @@ over stdin/stdout with the frame protocol of rewards/protocol.py.
 
 The reward worker runs every verifier call in such a child so that a hang (killed
 on a wall-clock timeout), a crash or a memory blow-up costs one sample, not the run.
-External verifiers in any language speak the same protocol.
+It announces itself with one {"ready": true} frame once its verifiers are imported,
+so that start-up never counts against a call's deadline. External verifiers in any
+language speak the same protocol (the ready frame is optional for them).
 """
 from __future__ import annotations
 
@@ -14,12 +16,34 @@ import resource
 import sys
 import traceback
 
+from rewards import budget
 from rewards.api import resolve, run_one
 from rewards.protocol import ProtocolError, check_request, read_frame, write_frame
 
 
+def answer(verifiers: dict, request: dict) -> dict:
+    try:
+        check_request(request)
+    except ProtocolError as e:
+        return {"id": request.get("id"), "score": 0.0, "info": {}, "error": f"protocol: {e}"}
+    name = request["verifier"]
+    if name not in verifiers:
+        return {"id": request["id"], "score": 0.0, "info": {}, "error": f"unknown verifier {name!r}"}
+    fn, args = verifiers[name]
+    budget.start(request.get("timeout_s"))
+    try:
+        score = run_one(fn, request["completion"], request.get("fields") or {}, args)
+    except Exception as e:  # the verifier's own failure (a KeyError included): reported, never fatal
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        return {"id": request["id"], "score": 0.0, "info": {}, "error": f"verifier {name!r} raised {tb[:2000]}"}
+    finally:
+        budget.start(None)
+    return {"id": request["id"], "score": score.value, "info": score.info, "error": None}
+
+
 def serve(specs: dict[str, dict], stdin, stdout) -> None:
     verifiers = {name: (resolve(spec["target"]), spec.get("args") or {}) for name, spec in specs.items()}
+    write_frame(stdout, {"ready": True, "pid": os.getpid()})
     while True:
         try:
             request = read_frame(stdin)
@@ -28,21 +52,11 @@ def serve(specs: dict[str, dict], stdin, stdout) -> None:
             return
         if request is None:
             return
-        try:
-            check_request(request)
-            fn, args = verifiers[request["verifier"]]
-            score = run_one(fn, request["completion"], request.get("fields") or {}, args)
-            response = {"id": request["id"], "score": score.value, "info": score.info, "error": None}
-        except KeyError:
-            response = {"id": request.get("id"), "score": 0.0, "info": {},
-                        "error": f"unknown verifier {request.get('verifier')!r}"}
-        except Exception as e:  # the verifier's own failure: reported, never fatal
-            tb = traceback.format_exception_only(type(e), e)[-1].strip()
-            response = {"id": request.get("id"), "score": 0.0, "info": {}, "error": tb[:2000]}
+        response = answer(verifiers, request)
         try:
             write_frame(stdout, response)
         except (ProtocolError, TypeError, ValueError) as e:  # info that msgpack cannot carry
-            write_frame(stdout, {"id": request["id"], "score": 0.0, "info": {}, "error": f"bad result: {e}"})
+            write_frame(stdout, {"id": request.get("id"), "score": 0.0, "info": {}, "error": f"bad result: {e}"})
 
 
 def main() -> None:

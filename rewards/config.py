@@ -26,6 +26,9 @@ class ExternalVerifier(Section):
     """host:port"""
     verifier: str | None = None
     """The name sent in requests (default: this entry's name)."""
+    ready: bool = False
+    """The program writes one {"ready": true} frame when it can serve (command only):
+    its start-up then never counts against a call's timeout."""
 
     @model_validator(mode="after")
     def _one(self) -> "ExternalVerifier":
@@ -38,7 +41,10 @@ class ExternalVerifier(Section):
 
 class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
-    """Reward-worker actors; each generator's groups go to one of them."""
+    """Reward-worker actors; groups are spread over all of them as they arrive."""
+    concurrency: int = Field(2, ge=1)
+    """Verifier processes per worker (each an own set of external peers too): the
+    samples of the groups a worker holds are scored this many at a time."""
     verifiers: dict[str, float | VerifierSpec] = {"accuracy": 1.0, "format": 0.2}
     """Verifier -> weight, or -> {weight, args, timeout_s}. A verifier is a registered
     name (rewards/verifiers.py), a `package.module:attr` import path, or a name under
@@ -52,6 +58,11 @@ class RewardConfig(Section):
     """Address-space limit of each verifier process."""
     cache_size: int = Field(100_000, ge=0)
     """Scores remembered per worker, keyed by (verifier, completion, fields)."""
+    allow_unsandboxed_code: bool = False
+    """Let the `code` verifier run model-written programs without bubblewrap (process
+    limits, a PID namespace or cgroup, but no filesystem or network isolation). Off: a
+    machine without bubblewrap refuses to run them (every such sample scores 0 with
+    an error saying why)."""
 
     @field_validator("verifiers")
     @classmethod

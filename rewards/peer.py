@@ -1,9 +1,15 @@
 """The reward worker's side of a verifier process or server: one request at a time,
-each with a wall-clock deadline. A peer that hangs is killed (its whole process
-group) and one that dies or garbles a frame is restarted on the next call; either
-way the request in flight is answered with an error, never an exception."""
+each with a wall-clock deadline on both the write and the read.
+
+A peer is started (and, when it announces itself, handshaken) *before* a call's
+deadline begins, so a slow start never eats the budget of the call that triggered
+it. A peer that hangs is killed (its whole process group) and one that dies or
+garbles a frame is restarted on the next call; either way the request in flight is
+answered with an error, never an exception. A score that is not a finite number is
+an error too: it must never reach the learner."""
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -13,6 +19,9 @@ import time
 from typing import Any
 
 from rewards.protocol import MAX_FRAME_BYTES, ProtocolError, _HEADER, check_response, decode_body, encode
+
+START_TIMEOUT_S = 120.0
+"""How long a verifier process may take to start and announce itself."""
 
 
 class PeerTimeout(Exception):
@@ -35,11 +44,34 @@ def _read_exact(fd: int, n: int, deadline: float) -> bytes:
     return bytes(buf)
 
 
+def _write_all(fd: int, data: bytes, deadline: float) -> None:
+    """Write to a non-blocking fd before the deadline (a peer that stops reading
+    fills the pipe; without a deadline the write would block forever)."""
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerTimeout()
+        _, ready, _ = select.select([], [fd], [], left)
+        if not ready:
+            raise PeerTimeout()
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            continue
+        except BrokenPipeError:
+            raise ProtocolError("peer closed its input") from None
+
+
 def read_frame_by(fd: int, deadline: float, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
     (length,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
     if length > max_bytes:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes}")
     return decode_body(_read_exact(fd, length, deadline))
+
+
+def _result(score: float, error: str | None, kind: str, info: dict | None = None) -> dict[str, Any]:
+    return {"score": score, "info": info or {}, "error": error, "kind": kind}
 
 
 class _Peer:
@@ -55,26 +87,35 @@ class _Peer:
     def call(self, verifier: str, completion: str, fields: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """-> {"score", "info", "error", "kind"}; kind is "ok", "error" or "timeout"."""
         self.next_id += 1
-        request = {"id": self.next_id, "verifier": verifier, "completion": completion, "fields": fields}
+        request = {"id": self.next_id, "verifier": verifier, "completion": completion, "fields": fields,
+                   "timeout_s": timeout_s}
         try:
             frame = encode(request, self.max_frame)
         except (ProtocolError, TypeError, ValueError) as e:
-            return {"score": 0.0, "info": {}, "error": f"request rejected: {e}", "kind": "error"}
+            return _result(0.0, f"request rejected: {e}", "error")
+        try:
+            fd = self._ensure_open()  # start-up and handshake: outside the call's deadline
+        except (ProtocolError, OSError, ValueError, PeerTimeout) as e:
+            self._reset()
+            return _result(0.0, f"{self.name}: could not start: {str(e) or 'timed out'}", "error")
         deadline = time.monotonic() + timeout_s
         try:
-            fd = self._ensure_open()
-            self._write(frame)
+            self._write(frame, deadline)
             response = read_frame_by(fd, deadline, self.max_frame)
             check_response(response, self.next_id)
         except PeerTimeout:
             self._reset()
-            return {"score": 0.0, "info": {}, "error": f"{self.name}: timed out after {timeout_s:g} s", "kind": "timeout"}
+            return _result(0.0, f"{self.name}: timed out after {timeout_s:g} s", "timeout")
         except (ProtocolError, OSError, ValueError) as e:
             self._reset()
-            return {"score": 0.0, "info": {}, "error": f"{self.name}: {e}", "kind": "error"}
+            return _result(0.0, f"{self.name}: {e}", "error")
+        info = response.get("info") or {}
         if response.get("error") is not None:
-            return {"score": 0.0, "info": response.get("info") or {}, "error": str(response["error"]), "kind": "error"}
-        return {"score": float(response["score"]), "info": response.get("info") or {}, "error": None, "kind": "ok"}
+            return _result(0.0, str(response["error"]), "error", info)
+        score = float(response["score"])
+        if not math.isfinite(score):
+            return _result(0.0, f"{self.name}: verifier {verifier!r} returned a non-finite score {score}", "error", info)
+        return _result(score, None, "ok", info)
 
     def _reset(self) -> None:
         self.close()
@@ -82,24 +123,34 @@ class _Peer:
 
     def _ensure_open(self) -> int: ...
 
-    def _write(self, frame: bytes) -> None: ...
+    def _write(self, frame: bytes, deadline: float) -> None: ...
 
     def close(self) -> None: ...
 
 
 class ProcessPeer(_Peer):
-    """A verifier program on our stdin/stdout pipes, in its own process group."""
+    """A verifier program on our stdin/stdout pipes, in its own process group.
+    `handshake`: the program writes one {"ready": true} frame once it can serve
+    (our own verifier process does; external programs may opt in)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = "verifier process", **kw) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = "verifier process",
+                 handshake: bool = False, start_timeout_s: float = START_TIMEOUT_S, **kw) -> None:
         super().__init__(**kw)
         self.argv, self.env, self.name = argv, env, name
+        self.handshake, self.start_timeout_s = handshake, start_timeout_s
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        if self.proc is None:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, start_new_session=True,
-            )
+        """Start the program (and wait for its ready frame); a no-op when it runs."""
+        if self.proc is not None:
+            return
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
+                                     start_new_session=True)
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        if self.handshake:
+            hello = read_frame_by(self.proc.stdout.fileno(), time.monotonic() + self.start_timeout_s, self.max_frame)
+            if hello.get("ready") is not True:
+                raise ProtocolError(f"expected a ready frame, got {hello!r}")
 
     def _ensure_open(self) -> int:
         self.start()
@@ -107,9 +158,8 @@ class ProcessPeer(_Peer):
             raise ProtocolError(f"exited with code {self.proc.returncode}")
         return self.proc.stdout.fileno()
 
-    def _write(self, frame: bytes) -> None:
-        self.proc.stdin.write(frame)
-        self.proc.stdin.flush()
+    def _write(self, frame: bytes, deadline: float) -> None:
+        _write_all(self.proc.stdin.fileno(), frame, deadline)
 
     def close(self) -> None:
         if self.proc is None:
@@ -144,8 +194,15 @@ class SocketPeer(_Peer):
             self.sock.settimeout(None)
         return self.sock.fileno()
 
-    def _write(self, frame: bytes) -> None:
-        self.sock.sendall(frame)
+    def _write(self, frame: bytes, deadline: float) -> None:
+        self.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+        try:
+            self.sock.sendall(frame)
+        except socket.timeout:
+            raise PeerTimeout() from None
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(None)
 
     def close(self) -> None:
         if self.sock is not None:

@@ -46,7 +46,7 @@ def run(verifier: str, cases: Iterator[tuple[str, dict[str, Any]]], out: TextIO,
         args: dict[str, Any], timeout_s: float, external: dict[str, Any]) -> int:
     """Writes one JSON line per case, in order. -> the number of cases."""
     cfg = RewardConfig(verifiers={verifier: {"weight": 1.0, "args": args}}, timeout_s=timeout_s,
-                       external=external, cache_size=0)
+                       external=external, cache_size=0, concurrency=1)
     worker = RewardWorker(cfg)
     count = 0
     try:

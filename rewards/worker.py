@@ -4,17 +4,24 @@ Every verifier call runs in a separate, killable process (rewards/child.py for
 Python verifiers, the configured program or server for external ones), with a
 wall-clock timeout. A hang or crash costs that one sample (score 0, counted in
 reward/timeouts or reward/errors); the process is replaced and scoring goes on.
+A worker keeps `rewards.concurrency` sets of verifier processes and scores that
+many samples at a time.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import queue
 import sys
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rewards.config import RewardConfig
 from rewards.peer import ProcessPeer, SocketPeer, _Peer
+from rollout.host import node_id
 from rollout.types import Group
 
 
@@ -25,60 +32,81 @@ def child_argv(specs: dict[str, dict[str, Any]]) -> list[str]:
 class RewardWorker:
     def __init__(self, cfg: RewardConfig, index: int = 0) -> None:
         self.cfg, self.index = cfg, index
-        self.peers: dict[str, tuple[_Peer, str]] = {}  # verifier -> (peer, name it answers to)
-        internal = {name: {"target": name, "args": cfg.spec(name).args}
-                    for name in cfg.verifiers if name not in cfg.external}
-        if internal:
-            env = {**os.environ, "GRPO_VERIFIER_MEMORY_MB": str(cfg.memory_mb)}
-            peer = ProcessPeer(child_argv(internal), env=env, name=f"reward worker {index} verifier process")
-            peer.start()  # imports happen while the generators work
-            self.peers.update({name: (peer, name) for name in internal})
-        for name, ext in cfg.external.items():
-            if ext.command is not None:
-                peer = ProcessPeer(ext.command, name=f"external verifier {name!r}")
-            else:
-                peer = SocketPeer(ext.address, name=f"external verifier {name!r} at {ext.address}")
-            self.peers[name] = (peer, ext.verifier or name)
-        self.cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         specs = {name: cfg.spec(name) for name in cfg.verifiers}
         self.weights = {name: spec.weight for name, spec in specs.items()}
         self.timeouts = {name: spec.timeout_s or cfg.timeout_s for name, spec in specs.items()}
+        self.slots: list[dict[str, tuple[_Peer, str]]] = [self._peers(k) for k in range(cfg.concurrency)]
+        self._free: queue.Queue[int] = queue.Queue()
+        for k in range(cfg.concurrency):
+            self._free.put(k)
+        self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix=f"reward-{index}")
+        self.cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
-    def verify(self, name: str, completion: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _peers(self, slot: int) -> dict[str, tuple[_Peer, str]]:
+        """One set of verifier peers: verifier name -> (peer, the name it answers to)."""
+        cfg, peers = self.cfg, {}
+        internal = {name: {"target": name, "args": cfg.spec(name).args}
+                    for name in cfg.verifiers if name not in cfg.external}
+        if internal:
+            env = {**os.environ, "GRPO_VERIFIER_MEMORY_MB": str(cfg.memory_mb),
+                   "GRPO_ALLOW_UNSANDBOXED_CODE": "1" if cfg.allow_unsandboxed_code else "0"}
+            peer = ProcessPeer(child_argv(internal), env=env, handshake=True,
+                               name=f"reward worker {self.index} verifier process {slot}")
+            peer.start()  # imports happen while the generators work
+            peers.update({name: (peer, name) for name in internal})
+        for name, ext in cfg.external.items():
+            if ext.command is not None:
+                peer = ProcessPeer(ext.command, handshake=ext.ready, name=f"external verifier {name!r}")
+            else:
+                peer = SocketPeer(ext.address, name=f"external verifier {name!r} at {ext.address}")
+            peers[name] = (peer, ext.verifier or name)
+        return peers
+
+    def verify(self, name: str, completion: str, fields: dict[str, Any], slot: int = 0) -> dict[str, Any]:
         """One score: {"score", "info", "error", "kind"} (kind: ok / error / timeout / cached)."""
         key = (name, completion, json.dumps(fields, sort_keys=True, default=str))
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return {**self.cache[key], "kind": "cached"}
-        peer, remote_name = self.peers[name]
+        with self._cache_lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return {**self.cache[key], "kind": "cached"}
+        peer, remote_name = self.slots[slot][name]
         result = peer.call(remote_name, completion, fields, self.timeouts[name])
+        if not (isinstance(result["score"], (int, float)) and math.isfinite(result["score"])):
+            result = {**result, "score": 0.0, "kind": "error", "error": f"non-finite score {result['score']!r}"}
         if result["kind"] == "ok" and self.cfg.cache_size:
-            self.cache[key] = result
-            if len(self.cache) > self.cfg.cache_size:
-                self.cache.popitem(last=False)
+            with self._cache_lock:
+                self.cache[key] = result
+                if len(self.cache) > self.cfg.cache_size:
+                    self.cache.popitem(last=False)
         return result
 
-    def score(self, groups: list[Group]) -> list[Group]:
-        """Fill each group's `rewards` (weighted sum), `reward_parts` (per verifier)
-        and `reward_stats`."""
-        weights = self.weights
+    def _score_sample(self, group: Group, i: int) -> dict[str, dict[str, Any]]:
+        slot = self._free.get()
+        try:
+            fields = {**group.row, "completion_tokens": len(group.samples[i].completion_ids)}
+            return {name: self.verify(name, group.samples[i].text, fields, slot) for name in self.weights}
+        finally:
+            self._free.put(slot)
+
+    def score(self, groups: list[Group] | Group) -> list[Group]:
+        """Fill each group's `rewards` (weighted sum), `reward_parts` (per verifier),
+        `reward_info` and `reward_stats`; samples are scored `concurrency` at a time."""
+        groups = [groups] if isinstance(groups, Group) else groups
+        tasks = [(g, i) for g in groups for i in range(len(g.samples))]
+        results = list(self._pool.map(lambda t: self._score_sample(*t), tasks))
+        at = 0
         for g in groups:
-            stats = {"timeouts": 0, "errors": 0, "cache_hits": 0}
-            parts: dict[str, list[float]] = {name: [] for name in weights}
-            for s in g.samples:
-                fields = {**g.row, "completion_tokens": len(s.completion_ids)}
-                for name in weights:
-                    result = self.verify(name, s.text, fields)
-                    stats["timeouts"] += result["kind"] == "timeout"
-                    stats["errors"] += result["kind"] == "error"
-                    stats["cache_hits"] += result["kind"] == "cached"
-                    parts[name].append(result["score"])
-            g.reward_parts, g.reward_stats = parts, stats
-            g.rewards = [sum(weights[n] * parts[n][i] for n in weights) for i in range(len(g.samples))]
+            mine, at = results[at : at + len(g.samples)], at + len(g.samples)
+            g.reward_parts = {name: [r[name]["score"] for r in mine] for name in self.weights}
+            g.reward_info = {name: [_info(r[name]) for r in mine] for name in self.weights}
+            g.reward_stats = {stat: sum(r[name]["kind"] == kind for r in mine for name in self.weights)
+                              for stat, kind in (("timeouts", "timeout"), ("errors", "error"), ("cache_hits", "cached"))}
+            g.rewards = [sum(self.weights[n] * g.reward_parts[n][i] for n in self.weights) for i in range(len(g.samples))]
         return groups
 
     def _unique_peers(self) -> list[_Peer]:
-        return list({id(p): p for p, _ in self.peers.values()}.values())
+        return list({id(p): p for slot in self.slots for p, _ in slot.values()}.values())
 
     def restarts(self) -> int:
         """Verifier processes or connections replaced so far."""
@@ -88,5 +116,16 @@ class RewardWorker:
         for p in self._unique_peers():
             p.close()
 
-    def ready(self) -> int:
-        return self.index
+    def ready(self) -> dict[str, Any]:
+        return {"index": self.index, "node_id": node_id(), "pid": os.getpid()}
+
+    def health(self) -> dict[str, Any]:
+        return {"index": self.index, "free_slots": self._free.qsize()}
+
+
+def _info(result: dict[str, Any]) -> dict[str, Any]:
+    """What a verifier reported about one sample, with its error if any."""
+    info = dict(result.get("info") or {})
+    if result.get("error"):
+        info["error"] = result["error"]
+    return info

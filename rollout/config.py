@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -14,14 +14,19 @@ class Section(BaseModel):
 
 
 class RolloutConfig(Section):
-    num_generators: int = Field(2, ge=1)
-    """Generator actors, each hosting one vLLM engine; prompts are split among them."""
+    num_generators: int = Field(1, ge=1)
+    """Generator actors, each hosting one vLLM engine; prompts go to the least loaded.
+    Size it to the machine: two engines on the same cores only fight over them."""
     n: int = Field(8, ge=1)
     """Samples per prompt (the group size)."""
-    temperature: float = Field(1.0, ge=0.0)
-    """Sampling temperature for training rollouts."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature for training rollouts (> 0: the learner scores every token
+    at the same temperature, and greedy decoding has no distribution to score)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling threshold for training rollouts."""
+    """Must stay 1 for training rollouts: with a nucleus, the sampler draws from the
+    renormalised top-p distribution, which the learner would have to rebuild exactly
+    for its ratios; it scores the full distribution at `temperature` instead.
+    Evaluation has its own sampling settings (top-p 0.95 by default)."""
     max_tokens: int = Field(48, ge=1)
     """Longest completion; leave room for the closing tags and EOS."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -34,8 +39,21 @@ class RolloutConfig(Section):
     """GPUs per engine (tensor parallel)."""
     enforce_eager: bool = True
     """Skip graph capture / compilation: faster start-up, which dominates small jobs."""
-    seed: int = 0
-    """Base sampling seed; each step and generator derive their own from it."""
+    partial: bool = True
+    """Partial rollouts: a weight update lands between two engine steps, and sequences in
+    flight continue under the new weights (their KV cache re-prefilled); each sample
+    records the versions that produced it. False: an update waits until the requests
+    in flight finish (no new ones start meanwhile)."""
+
+    @field_validator("top_p")
+    @classmethod
+    def _full_distribution(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError(
+                "top_p < 1 is refused for training rollouts: the sampler's logprobs would be those of the "
+                "renormalised nucleus, not of the distribution the learner scores (use temperature instead)"
+            )
+        return value
 
 
 class WeightSyncConfig(Section):

@@ -1,6 +1,8 @@
-"""The data that travels between actors: a sample, a group of samples of one prompt."""
+"""The data that travels between actors: a sample, a group of samples of one prompt,
+and the checks each makes when it crosses from one part to another."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,12 +13,23 @@ class Sample:
 
     completion_ids: list[int]
     logprobs: list[float]
-    """The sampler's logprob of each completion token (same length as completion_ids)."""
+    """The behaviour policy's logprob of each completion token (same length as
+    completion_ids): the log-probability of the distribution the token was drawn
+    from (vLLM's processed logprobs, temperature applied)."""
     text: str
     finish_reason: str
     """"stop" (EOS or stop string) or "length" (hit max_tokens)."""
-    version: int
-    """Policy version (learner step) of the weights that generated this sample."""
+    versions: list[tuple[int, int]]
+    """(policy version, index of the first token it produced), in order: one entry,
+    or more when weight updates landed while the sample was generated (partial
+    rollouts). The oldest version counts for staleness."""
+    seed: int = 0
+    """The sampling seed this completion was drawn with."""
+
+    @property
+    def version(self) -> int:
+        """The oldest policy version that produced any of its tokens."""
+        return min(v for v, _ in self.versions)
 
 
 @dataclass
@@ -34,7 +47,47 @@ class Group:
     """Per-verifier scores (unweighted) per sample."""
     reward_stats: dict[str, int] | None = None
     """Verifier calls that timed out / failed / were answered from the cache."""
+    key: int = -1
+    """The prompt's position in the run's prompt stream (its identity in the pipeline)."""
+    reward_info: dict[str, list[dict]] | None = None
+    """Per-verifier info dicts per sample (what the verifier reported)."""
+
+
+class BoundaryError(ValueError):
+    """A value that must not travel on (a malformed sample, a non-finite score)."""
 
 
 def num_completion_tokens(groups: list[Group]) -> int:
     return sum(len(s.completion_ids) for g in groups for s in g.samples)
+
+
+def check_sampled(group: Group, source: str) -> None:
+    """A group as a generator hands it on: every sample has as many logprobs as
+    tokens, each finite and <= 0, at least one token, and a known finish reason."""
+    if not group.samples:
+        raise BoundaryError(f"{source}: prompt {group.key} came back with no samples")
+    if not group.prompt_ids:
+        raise BoundaryError(f"{source}: prompt {group.key} has no prompt tokens")
+    for k, s in enumerate(group.samples):
+        where = f"{source}: prompt {group.key} sample {k}"
+        if not s.completion_ids:
+            raise BoundaryError(f"{where}: no completion tokens")
+        if len(s.logprobs) != len(s.completion_ids):
+            raise BoundaryError(f"{where}: {len(s.logprobs)} logprobs for {len(s.completion_ids)} tokens")
+        bad = next((lp for lp in s.logprobs if not (math.isfinite(lp) and lp <= 1e-6)), None)
+        if bad is not None:
+            raise BoundaryError(f"{where}: logprob {bad} is not a finite log-probability")
+        if s.finish_reason not in ("stop", "length"):
+            raise BoundaryError(f"{where}: unknown finish reason {s.finish_reason!r}")
+        if not s.versions:
+            raise BoundaryError(f"{where}: no policy version recorded")
+
+
+def check_scored(group: Group, source: str) -> None:
+    """A group as a reward worker hands it on: one finite total reward per sample."""
+    if group.rewards is None or len(group.rewards) != len(group.samples):
+        raise BoundaryError(f"{source}: prompt {group.key} has {0 if group.rewards is None else len(group.rewards)} "
+                            f"rewards for {len(group.samples)} samples")
+    bad = next((r for r in group.rewards if not isinstance(r, (int, float)) or not math.isfinite(r)), None)
+    if bad is not None:
+        raise BoundaryError(f"{source}: prompt {group.key} has a non-finite reward {bad!r}")

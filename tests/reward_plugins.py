@@ -24,3 +24,17 @@ def sleepy(completion: str, fields: dict) -> float:
 def chatty(completion: str, fields: dict) -> float:
     print("verifiers that print must not corrupt the protocol")
     return 0.5
+
+
+def keyerror(completion: str, fields: dict) -> float:
+    return float(fields["no_such_field"])  # a bug in the verifier: a KeyError of its own
+
+
+def not_finite(completion: str, fields: dict) -> float:
+    return float(completion)  # "nan", "inf", "-inf" parse to non-finite floats
+
+
+def napper(completion: str, fields: dict) -> float:
+    if completion.startswith("nap"):
+        time.sleep(0.3)
+    return 1.0

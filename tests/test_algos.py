@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from learner import algos
-from learner.learner import build_batch
+from learner.batch import build_micro, flatten
+from learner.schedule import micro_and_accumulation, plan_step
+from rollout.seeds import sample_seeds
 from rollout.types import Group, Sample
 
 
@@ -120,7 +122,7 @@ def test_pg_loss_and_kl_estimators():
 
 def test_entropy_of_uniform_and_peaked():
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
-    ent = algos.entropy(logits)
+    _, ent = algos.logprobs_and_entropy(logits, torch.tensor([[0, 0]]))
     assert ent[0, 0].item() == pytest.approx(math.log(4)) and ent[0, 1].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -130,25 +132,87 @@ def test_token_logprobs_uses_temperature():
     assert lp.item() == pytest.approx(math.log(math.e / (math.e + 1)))
 
 
+def test_fused_logprobs_and_entropy_match_log_softmax_in_values_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    lp, ent = algos.logprobs_and_entropy(logits, targets, temperature=0.7, chunk_rows=4)  # chunks split rows
+    ref_logp = torch.log_softmax(logits / 0.7, -1)
+    expected = ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(lp, expected, atol=1e-6)
+    assert torch.allclose(ent, -(ref_logp.exp() * ref_logp).sum(-1), atol=1e-5) and not ent.requires_grad
+    (g1,) = torch.autograd.grad(lp.sum(), logits)
+    (g2,) = torch.autograd.grad(expected.sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_is_corrections_against_hand_computed_weights():
+    behaviour = torch.log(torch.tensor([[0.5, 0.2, 0.1, 0.4]]))
+    proximal = torch.log(torch.tensor([[0.5, 0.6, 0.01, 0.3]]))
+    # ratios pi_prox / pi_behaviour: 1, 3, 0.1, 0.75
+    tis = algos.IS_CORRECTIONS["tis"](proximal, behaviour, 0.5, 2.0)
+    assert tis[0].tolist() == pytest.approx([1.0, 2.0, 0.1, 0.75], abs=1e-6)  # min(ratio, 2)
+    mask = algos.IS_CORRECTIONS["mask"](proximal, behaviour, 0.5, 2.0)
+    assert mask.tolist() == [[1.0, 0.0, 0.0, 1.0]]  # 3 and 0.1 fall outside [0.5, 2]
+    assert algos.IS_CORRECTIONS["none"](proximal, behaviour, 0.5, 2.0).tolist() == [[1.0] * 4]
+    kl = algos.mismatch_kl(proximal, behaviour)  # r - 1 - log r
+    assert kl[0].tolist() == pytest.approx([0.0, 2 - math.log(3), 0.1 - 1 - math.log(0.1), 0.75 - 1 - math.log(0.75)], abs=1e-6)
+
+
+def test_seeds_give_every_sample_of_a_run_its_own_stream():
+    seeds = [s for key in range(5000) for s in sample_seeds(0, "train", key, 16)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seeds(0, "train", 7, 4) == sample_seeds(0, "train", 7, 4)  # reproducible
+    other_run = sample_seeds(1, "train", 7, 4)
+    assert not set(other_run) & set(sample_seeds(0, "train", 7, 4))
+    # the old scheme (prompt i: base + i, sample k: + k) shared streams between neighbours
+    old = [(100 + i) + k for i in range(2) for k in range(2)]
+    assert len(set(old)) < len(old)
+
+
 def test_lookup_names_the_registered_choices():
     with pytest.raises(ValueError, match="unknown policy loss 'nope'.*ppo_clip"):
         algos.lookup(algos.POLICY_LOSSES, "nope", "policy loss")
 
 
-def test_build_batch_can_mask_truncated_samples():
-    g = Group([5], "p", {}, [Sample([8, 9], [-0.1, -0.2], "", "stop", 0), Sample([8, 8], [-0.3, -0.3], "", "length", 0)])
-    b = build_batch([g], torch.tensor([[1.0, -1.0]]), pad_id=0, mask_truncated=True)
+def test_build_micro_can_mask_truncated_samples():
+    g = Group([5], "p", {}, [Sample([8, 9], [-0.1, -0.2], "", "stop", [(0, 0)]), Sample([8, 8], [-0.3, -0.3], "", "length", [(0, 0)])])
+    b = build_micro(flatten([g], torch.tensor([[1.0, -1.0]])), pad_id=0, mask_truncated=True)
     assert b.loss_mask.tolist() == [[1, 1], [0, 0]]
 
 
-def test_build_batch_masks_exactly_the_completion_targets():
-    g = Group([5, 6, 7], "p", {}, [Sample([8, 9], [-0.1, -0.2], "", "stop", 3), Sample([8], [-0.3], "", "length", 3)])
-    b = build_batch([g], torch.tensor([[1.0, -1.0]]), pad_id=0)
+def test_build_micro_masks_exactly_the_completion_targets_and_pads_to_its_own_longest():
+    g = Group([5, 6, 7], "p", {}, [Sample([8, 9], [-0.1, -0.2], "", "stop", [(3, 0)]), Sample([8], [-0.3], "", "length", [(3, 0)])])
+    seqs = flatten([g], torch.tensor([[1.0, -1.0]]))
+    b = build_micro(seqs, pad_id=0)
     assert b.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 8, 0]]
     # targets are input_ids[:, 1:] = [6, 7, 8, 9]: completion tokens 8, 9 at positions 2, 3
     assert b.loss_mask.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
-    assert torch.allclose(b.sampler_logprobs, torch.tensor([[0, 0, -0.1, -0.2], [0, 0, -0.3, 0]]))
+    assert torch.allclose(b.behaviour, torch.tensor([[0, 0, -0.1, -0.2], [0, 0, -0.3, 0]]))
     assert b.advantages.tolist() == [1.0, -1.0]
+    assert build_micro(seqs[1:], pad_id=0).input_ids.shape == (1, 4)  # no padding to the batch's longest
+
+
+@pytest.mark.parametrize("sequences, world, updates", [(64, 2, 1), (64, 2, 2), (4, 2, 2), (3, 4, 1), (1, 2, 2), (13, 3, 2)])
+def test_step_plan_gives_every_rank_the_same_number_of_micro_steps(sequences, world, updates):
+    micro, acc = micro_and_accumulation(64, world, updates, micro_batch_size=8)
+    plan = plan_step(sequences, world, updates, micro, acc)
+    covered = sorted(i for rank in range(world) for lo, hi in plan.rank_sequences(rank) for i in range(lo, hi))
+    assert covered == list(range(sequences))  # every sequence exactly once
+    for u in plan.updates:
+        assert u.stop > u.start  # no optimizer step on no data
+        assert all(len(slots) == acc for slots in u.micro)  # same count on every rank
+        assert all(u.start <= lo <= hi <= u.stop and hi - lo <= micro for slots in u.micro for lo, hi in slots)
+    assert len(plan.updates) == min(updates, sequences)
+    # mini-batches are defined over the whole batch, so they do not depend on the ranks
+    assert [(u.start, u.stop) for u in plan.updates] == [(u.start, u.stop) for u in plan_step(sequences, 1, updates, 64, 1).updates]
+
+
+def test_step_plan_refuses_what_it_cannot_hold_and_empty_steps():
+    with pytest.raises(ValueError, match="exceed the learner's capacity"):
+        plan_step(100, 2, 1, micro=8, accumulation=2)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        plan_step(0, 2, 1, micro=8, accumulation=2)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -14,18 +14,18 @@ from benchmarks.step import breakdown
 
 
 def _row(step, started, **kw):
-    base = {"step": step, "time/started": started, "time/generate": 1.0, "time/reward": 0.1, "time/train": 0.5,
+    base = {"step": step, "time/started": started, "time/wait_batch": 1.1, "time/train": 0.5,
             "time/sync": 0.1, "time/generate_engine": 0.9, "train/seconds": 0.4, "samples": 256, "tokens": 2560}
     return {**base, **kw}
 
 
 def test_step_breakdown_splits_the_period():
-    rows = [_row(1, 0.0, **{"time/generate": 5.0}), _row(2, 5.0), _row(3, 6.8), _row(4, 8.8)]
+    rows = [_row(1, 0.0, **{"time/wait_batch": 5.0}), _row(2, 5.0), _row(3, 6.8), _row(4, 8.8)]
     steps = breakdown(rows, warmup=1)  # step 1 is warm-up; step 4 has no next start
     assert [s["step"] for s in steps] == [2, 3]
     first = steps[0]
     assert first["period_s"] == pytest.approx(1.8)
-    assert first["idle_s"] == pytest.approx(1.8 - (1.0 + 0.1 + 0.5 + 0.1))
+    assert first["idle_s"] == pytest.approx(1.8 - (1.1 + 0.5 + 0.1))
     assert first["overhead_s"] == pytest.approx(1.8 - 0.9 - 0.4)
     assert steps[1]["idle_s"] == pytest.approx(2.0 - 1.7)
 
@@ -66,10 +66,10 @@ def test_weight_sync_bench_reports_against_its_limits(tmp_path):
     (r,) = data["results"]
     # The learner sent exactly the model's parameter bytes (fp32, tied head once), in 1 MiB buckets.
     assert r["bytes"] == 4 * r["parameters"] == 4_256_256 and r["buckets"] == 5
-    assert r["ratio_sync_to_raw"] == pytest.approx(r["sync_s"] / r["raw_broadcast_s"])
-    assert r["ratio_sync_to_raw_plus_load"] == pytest.approx(r["sync_s"] / (r["raw_broadcast_s"] + r["engine_load_s"]))
-    # The generator's own account of the sync fits inside the learner's.
+    assert all(run["bytes"] == r["bytes"] for run in r["runs"])  # every sync sent the whole model
+    # The generator's own account of the sync (measured in another process) fits inside the learner's.
     assert 0 < r["generator_wait_s"] + r["generator_load_s"] <= r["generator_receive_s"] < r["sync_s"]
+    assert all(run["sync/receive"] < run["seconds"] for run in r["runs"])
     assert data["config"]["sync"]["bucket_mb"] == 1
     assert "sync/raw" in proc.stdout and "1M" in proc.stdout
 
@@ -77,16 +77,18 @@ def test_weight_sync_bench_reports_against_its_limits(tmp_path):
 def test_generation_bench_samples_the_same_tokens_as_raw_vllm(tmp_path):
     _bench(tmp_path, "generation", "--models", "0.5M", "--prompts", "2", "--reps", "1", "rollout.n=2")
     (r,) = _report(tmp_path, "generation")["results"]
-    assert r["samples"] == 4 and r["same_tokens"]
+    assert r["samples"] == 4 and r["same_tokens"]  # same seeds, same engine arguments: same tokens
     assert r["runs"]["actor"][0]["tokens"] == r["runs"]["raw"][0]["tokens"] > 0
-    assert r["ratio_actor_to_raw"] == pytest.approx(r["raw_s"] / r["actor_s"])
+    # the actor's engine time (measured inside the actor) is part of what the driver waited for
+    assert all(0 < run["engine_seconds"] < run["seconds"] for run in r["runs"]["actor"])
 
 
 def test_rewards_bench(tmp_path):
     _bench(tmp_path, "rewards", "--verifiers", "countdown", "--samples", "64")
     (r,) = _report(tmp_path, "rewards")["results"]
     assert r["samples"] == 64 and r["inline_per_s"] > 0
-    assert r["ratio_to_inline"]["2"] == pytest.approx(r["workers_per_s"]["2"] / r["inline_per_s"])
+    # the dispatch path training uses scores exactly what the verifier scores inline: half right
+    assert r["mean_score_inline"] == r["mean_score_workers"]["1"] == r["mean_score_workers"]["2"] == 0.5
 
 
 def test_summary_is_rebuilt_from_the_reports_on_disk(tmp_path):

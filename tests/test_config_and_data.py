@@ -30,9 +30,18 @@ def test_overrides_and_yaml_compose(tmp_path):
         ("learner.lr=abc", "learner.lr: Input should be a valid number"),
         ("rollout.n=0", "rollout.n: Input should be greater than or equal to 1"),
         ("rewards.verifiers={nope: 1}", "verifiers.nope: unknown verifier"),
-        ("learner.num_ranks=3", "learner.num_ranks=3 must divide run.prompts_per_step=32"),
         ("sync.backend=nccl", "sync.backend=nccl needs GPUs"),
         ("learner.zero_stage=4", "learner.zero_stage"),
+        ("learner.advantage=nope", "learner.advantage: unknown name 'nope'; choices: ['dr_grpo', 'grpo', 'reinforce_pp', 'rloo']"),
+        ("learner.policy_loss=typo", "learner.policy_loss: unknown name 'typo'; choices: ['gspo', 'pg', 'ppo_clip']"),
+        ("learner.reduction=mean", "learner.reduction: unknown name 'mean'; choices: ['seq_mean_token_mean'"),
+        ("learner.kl_estimator=k4", "learner.kl_estimator: unknown name 'k4'; choices: ['k1', 'k2', 'k3']"),
+        ("learner.is_correction=is", "learner.is_correction: unknown name 'is'; choices: ['mask', 'none', 'tis']"),
+        ("sync.backend=mpi", "sync.backend: Input should be 'gloo' or 'nccl'"),
+        ("rollout.temperature=0", "rollout.temperature: Input should be greater than 0"),
+        ("rollout.top_p=0.95", "rollout.top_p: top_p < 1 is refused for training rollouts"),
+        ("learner.policy_loss=gspo", "learner.policy_loss=gspo needs learner.reduction=seq_mean_token_mean"),
+        ("learner.is_threshold_low=3", "learner.is_threshold_low=3.0 must be below learner.is_threshold_high=2.0"),
     ],
 )
 def test_bad_config_names_the_key(override, fragment):
@@ -51,6 +60,23 @@ def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
     assert "learner.lrr: unknown key" in proc.stderr
     assert not any(tmp_path.iterdir())  # no run directory, no model, no actors
     assert time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("override, key", [("learner.advantage=nope", "learner.advantage"),
+                                           ("learner.policy_loss=typo", "learner.policy_loss"),
+                                           ("rollout.temperature=0", "rollout.temperature"),
+                                           ("rewards.verifiers={nope: 1}", "verifiers.nope")])
+def test_cli_rejects_bad_names_fast_without_starting_ray(tmp_path, override, key):
+    code = ("import sys\nfrom cluster.cli import main\n"
+            f"rc = main(['train', {override!r}, 'run.output_dir={tmp_path}'])\n"
+            "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported ray/torch'\n"
+            "sys.exit(rc)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert time.perf_counter() - t0 < 5.0
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr and "invalid config" in proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_rejects_bad_dataset_row_with_its_line(tmp_path):

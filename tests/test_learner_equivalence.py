@@ -1,5 +1,8 @@
-"""The learner's gradient does not depend on how a batch is split: one micro-batch or
-four, one rank or two (real DeepSpeed ranks in Ray actors, gloo, fp32)."""
+"""The learner's update does not depend on how a batch is split: one micro-batch or
+several, one rank or two, shards as uneven as dynamic sampling makes them, several
+updates per step, every reduction and ZeRO stage (real DeepSpeed ranks in Ray actors,
+gloo, fp32). Metrics are reduced over every rank. A non-finite gradient skips the step
+on every rank, and non-finite weights are never sent."""
 import random
 
 import numpy as np
@@ -7,8 +10,11 @@ import pytest
 import ray
 
 from cluster import placement
-from cluster.config import load_config
+from learner.schedule import plan_step
 from rollout.types import Group, Sample
+from tests.conftest import placed
+
+METRICS = ("train/loss", "train/entropy", "train/kl", "train/clip_frac", "train/sampler_logprob_diff")
 
 
 def synthetic_groups(num_groups=4, n=4, seed=0) -> list[Group]:
@@ -19,53 +25,176 @@ def synthetic_groups(num_groups=4, n=4, seed=0) -> list[Group]:
         samples = []
         for _ in range(n):
             ids = [rng.randrange(3, 90) for _ in range(rng.randint(2, 9))]  # unequal lengths
-            samples.append(Sample(ids, [-1.0] * len(ids), "", "stop", 0))
-        groups.append(Group(prompt, "", {}, samples, rewards=[float(rng.random() < 0.5) + 0.1 * i for i in range(n)]))
+            samples.append(Sample(ids, [-1.0 - 0.1 * rng.random() for _ in ids], "", "stop", [(0, 0)]))
+        groups.append(Group(prompt, "", {}, samples, rewards=[float(rng.random() < 0.5) + 0.1 * i for i in range(n)],
+                            key=g))
     return groups
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    placed([])  # starts the module's Ray
     yield
     ray.shutdown()
 
 
-def gradients(model_dir, groups, reduction, micro, ranks, zero_stage=0, kl_coef=0.0):
-    cfg = load_config(None, [f"learner.reduction={reduction}", f"learner.micro_batch_size={micro}",
-                             f"learner.num_ranks={ranks}", "run.prompts_per_step=4", "rollout.n=4",
-                             f"learner.zero_stage={zero_stage}", f"learner.kl_coef={kl_coef}"])
-    learners, pg = placement.make_learners(str(model_dir), cfg, sequences_per_step=16)
-    bounds = [(0, 4)] if ranks == 1 else [(0, 2), (2, 4)]
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """The tiny model with every weight nudged: a KL reference that differs from the policy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("models") / "reference"
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def learner_group(model_dir, ranks, micro, **learner):
+    overrides = [f"learner.{k}={v}" for k, v in learner.items()]
+    cfg = placed([f"learner.micro_batch_size={micro}", f"learner.num_ranks={ranks}", "run.prompts_per_step=4",
+                  "rollout.n=4", "cluster.learner_cpus=0.25", *overrides])
+    return placement.make_learner_group(str(model_dir), cfg)
+
+
+def ready(*groups):
+    ray.get([r.ready.remote() for g in groups for r in g.ranks])
+
+
+def run_step(group, groups, capture=True):
+    """One train_step on every rank with one plan -> every rank's result."""
+    plan = group.plan(groups)
     ref = ray.put(groups)
-    results = ray.get([lrn.train_step.remote(ref, b, capture_gradients=True) for lrn, b in zip(learners, bounds)])
-    for lrn in learners:
-        ray.kill(lrn)
-    ray.util.remove_placement_group(pg)  # free the learners' reserved CPUs
-    return [r["gradients"] for r in results]
+    return ray.get([r.train_step.remote(ref, plan, capture) for r in group.ranks])
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean"])
-def test_gradient_is_independent_of_micro_batches_and_ranks(ray_session, tiny_model, reduction):
-    groups = synthetic_groups()
-    [whole] = gradients(tiny_model, groups, reduction, micro=16, ranks=1)
-    [four_micro] = gradients(tiny_model, groups, reduction, micro=4, ranks=1)
-    two_ranks = gradients(tiny_model, groups, reduction, micro=4, ranks=2)
-    assert set(whole) == set(four_micro) == set(two_ranks[0]) and len(whole) > 10
-    assert max(np.abs(v).max() for v in whole.values()) > 1e-4  # a real gradient
-    for name, g in whole.items():
-        np.testing.assert_allclose(four_micro[name], g, atol=1e-6, rtol=0, err_msg=name)
-        for rank_grads in two_ranks:  # every rank holds the reduced (global) gradient
-            np.testing.assert_allclose(rank_grads[name], g, atol=1e-6, rtol=0, err_msg=name)
+def assert_same_gradients(a: dict, b: dict, rel=1e-5):
+    """Equal up to float reduction order: within rel x the largest gradient entry (1e-6 at least)."""
+    assert set(a) == set(b) and len(a) > 10
+    atol = max(1e-6, rel * max(float(np.abs(g).max()) for g in a.values()))
+    for name, g in a.items():
+        np.testing.assert_allclose(b[name], g, atol=atol, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_on_two_ranks_gives_the_same_gradient_as_stage0(ray_session, tiny_model, stage):
-    # with a KL term, so the frozen reference (sharded under ZeRO-3) is exercised too
-    groups = synthetic_groups(seed=1)
-    [stage0] = gradients(tiny_model, groups, "token_mean", micro=16, ranks=1, kl_coef=0.1)
-    zero = gradients(tiny_model, groups, "token_mean", micro=8, ranks=2, zero_stage=stage, kl_coef=0.1)
-    assert set(zero[0]) == set(stage0)
-    for name, g in stage0.items():
-        for rank_grads in zero:
-            np.testing.assert_allclose(rank_grads[name], g, atol=1e-6, rtol=0, err_msg=name)
+def _set_reduction(learner, name: str) -> None:
+    from learner import algos
+
+    learner.cfg.reduction = name
+    learner.reduce = algos.REDUCTIONS[name]
+
+
+def test_gradient_and_metrics_are_independent_of_micro_batches_and_ranks(ray_session, tiny_model):
+    # lr ~ 0: the weights stay put, so both learners are compared at the same point every time
+    whole = learner_group(tiny_model, 1, 16, lr=1e-30)
+    split = learner_group(tiny_model, 2, 3, lr=1e-30)  # 2 ranks x micro-batches of 3
+    ready(whole, split)
+    try:
+        for reduction in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+            ray.get([r.__ray_call__.remote(_set_reduction, reduction) for r in whole.ranks + split.ranks])
+            for groups in (synthetic_groups(), synthetic_groups(1, n=4, seed=2), synthetic_groups(1, n=1, seed=3)):
+                # a full batch; one group for two ranks; one sample (one rank only runs padding steps)
+                [ref] = run_step(whole, groups)
+                results = run_step(split, groups)
+                if len(groups[0].samples) > 1:  # a single sample has advantage 0: no gradient, same schedule
+                    assert max(np.abs(v).max() for v in ref["gradients"].values()) > 1e-4, reduction
+                assert ref["train/entropy"] > 0.1
+                for r in results:  # every rank holds the reduced (global) gradient and the global metrics
+                    assert_same_gradients(ref["gradients"], r["gradients"])
+                    for key in METRICS:
+                        assert r[key] == pytest.approx(ref[key], abs=1e-6), (reduction, key)
+    finally:
+        whole.kill()
+        split.kill()
+
+
+def test_several_updates_per_step_do_not_depend_on_the_ranks(ray_session, tiny_model):
+    groups = synthetic_groups(3, seed=4)  # 12 sequences, 2 updates of 6, on 1 or 2 ranks
+    one = learner_group(tiny_model, 1, 16, updates_per_step=2, lr=1e-2)
+    two = learner_group(tiny_model, 2, 2, updates_per_step=2, lr=1e-2)
+    ready(one, two)
+    try:
+        before = ray.get(one.ranks[0].state_dict_numpy.remote())
+        [a] = run_step(one, groups)
+        b = run_step(two, groups)
+        assert a["train/updates"] == 2 and a["train/clip_frac"] > 0  # the 2nd update is off-policy: ratios move
+        for r in b:
+            assert_same_gradients(a["gradients"], r["gradients"])
+            assert r["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6)
+        wa = ray.get(one.ranks[0].state_dict_numpy.remote())
+        wb = ray.get([r.state_dict_numpy.remote() for r in two.ranks])[0]
+        moved = max(np.abs(wa[k] - before[k]).max() for k in wa)
+        assert moved > 1e-3 and max(np.abs(wa[k] - wb[k]).max() for k in wa) < 1e-3 * moved
+    finally:
+        one.kill()
+        two.kill()
+
+
+def test_zero_stages_on_two_ranks_give_the_stage0_gradient_with_a_kl_term(ray_session, tiny_model, reference):
+    # The reference differs from the policy, so the KL term has a gradient of its own.
+    kw = dict(kl_coef=0.5, lr=1e-30, reference_path=reference)
+    stage0 = learner_group(tiny_model, 1, 16, **kw)
+    zero = {stage: learner_group(tiny_model, 2, 8, zero_stage=stage, **kw) for stage in (1, 2, 3)}
+    ready(stage0, *zero.values())
+    try:
+        for groups in (synthetic_groups(seed=5), synthetic_groups(1, n=3, seed=6)):  # full, and uneven shards
+            [a] = run_step(stage0, groups)
+            assert a["train/kl"] > 1e-3
+            for stage, group in zero.items():
+                for r in run_step(group, groups):
+                    assert_same_gradients(a["gradients"], r["gradients"])
+                    assert r["train/kl"] == pytest.approx(a["train/kl"], rel=1e-5), stage
+        # without the KL term's gradient the result would differ: it is not negligible
+        no_kl = learner_group(tiny_model, 1, 16, lr=1e-30)
+        [b] = run_step(no_kl, synthetic_groups(seed=5))
+        [a] = run_step(stage0, synthetic_groups(seed=5))
+        diff = max(np.abs(a["gradients"][k] - b["gradients"][k]).max() for k in a["gradients"])
+        assert diff > 1e-3
+        no_kl.kill()
+    finally:
+        stage0.kill()
+        for group in zero.values():
+            group.kill()
+
+
+def _poison(learner) -> None:
+    """Fault injection: a NaN in one weight (as a bug or a bad optimizer step would leave it)."""
+    import torch
+
+    with torch.no_grad():
+        next(learner.engine.module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_non_finite_gradient_skips_the_step_and_bad_weights_are_never_sent(ray_session, tiny_model):
+    # dr_grpo keeps the reward scale: a finite reward of 1e39 overflows float32 advantages
+    group = learner_group(tiny_model, 2, 4, zero_stage=2, advantage="dr_grpo", lr=1e-2)
+    ready(group)
+    try:
+        before = ray.get(group.ranks[0].state_dict_numpy.remote())
+        groups = synthetic_groups(2, seed=7)
+        groups[1].rewards = [1e39, 0.0, 0.0, 0.0]  # only rank 1's half of the batch overflows
+        results = run_step(group, groups, capture=False)
+        assert [r["train/skipped_updates"] for r in results] == [1.0, 1.0]
+        for state in ray.get([r.state_dict_numpy.remote() for r in group.ranks]):
+            assert all(np.array_equal(state[k], before[k]) for k in before)
+        assert ray.get([r.weights_finite.remote() for r in group.ranks]) == [True, True]
+        # the next, finite step trains as usual
+        results = run_step(group, synthetic_groups(2, seed=8), capture=False)
+        assert [r["train/skipped_updates"] for r in results] == [0.0, 0.0]
+        after = ray.get(group.ranks[0].state_dict_numpy.remote())
+        assert any(not np.array_equal(after[k], before[k]) for k in before)
+
+        ray.get([r.__ray_call__.remote(_poison) for r in group.ranks])
+        assert ray.get([r.weights_finite.remote() for r in group.ranks]) == [False, False]
+        with pytest.raises(ray.exceptions.RayTaskError, match="non-finite weights; version 1 is not sent"):
+            ray.get([r.broadcast_weights.remote(1) for r in group.ranks])
+    finally:
+        group.kill()
+
+
+def test_plans_agree_with_the_learner_capacity():
+    plan = plan_step(3, 2, 1, micro=8, accumulation=1)
+    assert plan.updates[0].micro == (((0, 2),), ((2, 3),))

@@ -1,47 +1,31 @@
 """Kill a run after a checkpoint, resume it, and end with the same parameters as a run
 that was never interrupted."""
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-COMMON = [
-    "model.cold_start.steps=150", "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2",
-    "run.prompts_per_step=4", "rollout.n=4", "rollout.num_generators=2", "learner.lr=1e-3",
-    "run.progress=false", "cluster.num_cpus=2",
-]
+from tests.conftest import FULL_RUN, grpo, kill_session
 
 
-def grpo(*args):
-    return [sys.executable, "-m", "cluster.cli", "train", *args]
-
-
-def test_kill_and_resume_equals_uninterrupted(runs_dir: Path):
-    full = subprocess.run(grpo(*COMMON, "run.name=full", f"run.output_dir={runs_dir}"),
-                          capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
-
+def test_kill_and_resume_equals_uninterrupted(runs_dir: Path, full_run):
     cut_dir = runs_dir / "cut"
-    proc = subprocess.Popen(grpo(*COMMON, "run.name=cut", f"run.output_dir={runs_dir}"),
+    proc = subprocess.Popen(grpo("train", *FULL_RUN, "run.name=cut", f"run.output_dir={runs_dir}"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while not (cut_dir / "checkpoints" / "step-2" / "run_state.json").is_file():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    kill_session(proc.pid)  # the driver and the local Ray it started (and nothing else)
     proc.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
     assert not (cut_dir / "final").exists()
     steps_before = len((cut_dir / "metrics.jsonl").read_text().splitlines())
     assert steps_before < 6
 
-    resumed = subprocess.run(grpo("--resume", str(cut_dir)), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(grpo("train", "--resume", str(cut_dir)), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     rows = [json.loads(line) for line in (cut_dir / "metrics.jsonl").read_text().splitlines()]

@@ -17,6 +17,7 @@ from rewards.worker import RewardWorker
 from rollout.types import Group, Sample
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "external_verifier.py")
+NAN_VERIFIER = os.path.join(os.path.dirname(__file__), "nan_verifier.py")
 
 
 def group(completions, **row):
@@ -69,7 +70,7 @@ def test_crash_raise_and_print_are_contained():
 
 
 def test_cache_answers_repeated_samples():
-    w = make({"tests.reward_plugins:sleepy": {"weight": 1.0, "timeout_s": 1.0}})
+    w = make({"tests.reward_plugins:sleepy": {"weight": 1.0, "timeout_s": 1.0}}, concurrency=1)
     groups = w.score([group(["a", "a", "a"])])
     assert groups[0].reward_stats["cache_hits"] == 2 and groups[0].rewards == [1.0, 1.0, 1.0]
     [g] = w.score([group(["sleep", "sleep"])])  # timeouts are not cached: both cost their sample
@@ -215,3 +216,110 @@ def test_grpo_verify_cli_keeps_order_and_reports_errors(tmp_path):
     cases.write_text('{"completion": "x"}\n{"nope": 1}\n')
     bad = subprocess.run(cmd + ["--input", str(cases)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and f"{cases}:2: each line must be an object with a string 'completion'" in bad.stderr
+
+
+def test_non_finite_scores_become_zero_with_an_error():
+    w = make({"nan": 1.0, "tests.reward_plugins:not_finite": 1.0},
+             external={"nan": {"command": [sys.executable, NAN_VERIFIER]}})
+    [g] = w.score([group(["nan", "inf", "-inf", "0.5"])])
+    assert g.reward_parts["nan"] == [0.0, 0.0, 0.0, 0.5]
+    assert g.reward_parts["tests.reward_plugins:not_finite"] == [0.0, 0.0, 0.0, 0.5]
+    assert g.rewards == [0.0, 0.0, 0.0, 1.0] and g.reward_stats["errors"] == 6
+    assert "non-finite score nan" in g.reward_info["nan"][0]["error"]
+    assert "non-finite score" in g.reward_info["tests.reward_plugins:not_finite"][1]["error"]
+    w.close()
+
+
+def test_grpo_verify_prints_finite_scores_for_non_finite_answers(tmp_path):
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps({"completion": c}) + "\n" for c in ["nan", "inf", "-inf", "2"]))
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "verify", "--verifier", "nan", "--input", str(cases),
+                           "--external", json.dumps({"nan": {"command": [sys.executable, NAN_VERIFIER]}})],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["score"] for r in rows] == [0.0, 0.0, 0.0, 2.0]
+    assert all("non-finite" in r["error"] for r in rows[:3]) and rows[3]["error"] is None
+
+
+def test_a_timeout_does_not_make_the_next_calls_time_out():
+    # the module takes 1.5 s to import; each call has 1 s. The replacement process of a
+    # timed-out call starts (and imports) before the next call's deadline begins.
+    w = make({"tests.slow_start_plugin:maybe_hang": {"weight": 1.0, "timeout_s": 1.0}}, concurrency=1, cache_size=0)
+    [g] = w.score([group(["ok", "hang", "ok", "ok", "hang", "ok"])])
+    assert g.rewards == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert g.reward_stats["timeouts"] == 2 and g.reward_stats["errors"] == 0
+    w.close()
+
+
+def test_a_verifier_keyerror_is_reported_as_its_own():
+    w = make({"tests.reward_plugins:keyerror": 1.0})
+    [g] = w.score([group(["x"])])
+    error = g.reward_info["tests.reward_plugins:keyerror"][0]["error"]
+    assert "raised KeyError: 'no_such_field'" in error and "unknown verifier" not in error
+    w.close()
+
+
+def test_a_peer_that_stops_reading_cannot_block_a_write():
+    # a request far larger than a pipe's buffer, to a program that never reads
+    peer = ProcessPeer([sys.executable, "-c", "import time; time.sleep(60)"])
+    t0 = time.perf_counter()
+    result = peer.call("v", "x" * 4_000_000, {}, timeout_s=1.0)
+    assert result["kind"] == "timeout" and time.perf_counter() - t0 < 5
+    peer.close()
+
+
+def test_samples_are_scored_concurrently_within_a_worker():
+    w = make({"tests.reward_plugins:napper": {"weight": 1.0, "timeout_s": 10}}, concurrency=4, cache_size=0)
+    w.score([group(["warm"] * 4)])
+    t0 = time.perf_counter()
+    [g] = w.score([group([f"nap {i}" for i in range(8)])])
+    assert g.rewards == [1.0] * 8
+    assert time.perf_counter() - t0 < 8 * 0.3 / 2  # 8 naps of 0.3 s, 4 at a time: ~0.6 s, never 2.4 s
+    w.close()
+
+
+def test_code_refuses_to_run_unsandboxed_unless_allowed(monkeypatch):
+    monkeypatch.setenv("GRPO_CODE_SANDBOX", "none")  # as on a machine without bubblewrap
+    answer = code_answer("print('ok')")
+    w = make({"code": {"weight": 1.0, "timeout_s": 30}})
+    [g] = w.score([group([answer], tests=[{"input": "", "output": "ok"}])])
+    assert g.rewards == [0.0] and "allow_unsandboxed_code" in g.reward_info["code"][0]["error"]
+    w.close()
+    w = make({"code": {"weight": 1.0, "timeout_s": 30}}, allow_unsandboxed_code=True)
+    [g] = w.score([group([answer], tests=[{"input": "", "output": "ok"}])])
+    assert g.rewards == [1.0] and g.reward_info["code"][0]["sandbox"] == "none"
+    w.close()
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "none"])
+def test_code_kills_every_descendant_and_contains_a_fork_bomb(monkeypatch, mode):
+    if mode == "none":
+        monkeypatch.setenv("GRPO_CODE_SANDBOX", "none")
+    marker = f"grpo_marker_{uuid.uuid4().hex}"
+    escaped = (f"import os, subprocess, sys\nfor _ in range(3):\n    subprocess.Popen([sys.executable, '-c', "
+               f"'import os, time; os.setsid(); time.sleep(300)  # {marker}'], start_new_session=True)\nprint('ok')")
+    bomb = f"import os\n# {marker}\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    w = make({"code": {"weight": 1.0, "timeout_s": 60, "args": {"timeout_s": 3, "cpu_s": 3, "memory_mb": 256}}},
+             allow_unsandboxed_code=True, concurrency=1)
+    t0 = time.perf_counter()
+    [g] = w.score([group([code_answer(escaped), code_answer(bomb)], tests=[{"input": "", "output": "ok"}])])
+    assert g.rewards == [1.0, 0.0] and time.perf_counter() - t0 < 30
+    time.sleep(0.5)
+    assert _leftover_processes(marker) == []  # setsid() children and the bomb's processes: all gone
+    w.close()
+
+
+def test_per_test_limits_fit_inside_the_call_deadline():
+    # 6 tests of a correct program that takes 0.5 s each: 3 s in all, inside the 5 s call,
+    # although 6 x the per-test limit (3 s) would be 18 s
+    slow = code_answer("import time\ntime.sleep(0.5)\nprint(int(input()) * 2)")
+    tests = [{"input": str(i), "output": str(2 * i)} for i in range(6)]
+    w = make({"code": {"weight": 1.0, "timeout_s": 5.0, "args": {"timeout_s": 3, "cpu_s": 3}}}, concurrency=1)
+    [g] = w.score([group([slow], tests=tests)])
+    assert g.rewards == [1.0] and g.reward_stats["timeouts"] == 0
+    # a program too slow for the call's budget fails its late tests, never the call itself
+    slower = code_answer("import time\ntime.sleep(1.2)\nprint(int(input()) * 2)")
+    [g] = w.score([group([slower], tests=tests)])
+    assert 0.0 < g.rewards[0] < 1.0 and g.reward_stats["timeouts"] == 0
+    w.close()

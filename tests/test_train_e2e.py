@@ -5,52 +5,52 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import kill_session
 
 SHORT_RUN = [
     "model.cold_start.steps=150",
     "run.steps=3",
     "run.prompts_per_step=4",
     "rollout.n=4",
-    "rollout.num_generators=2",
+    "rollout.temperature=0.7",
     "learner.lr=1e-3",
     "run.progress=false",
 ]
-
-
-@pytest.fixture
-def out_dir(runs_dir) -> Path:
-    return runs_dir
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_grpo_train_cli_trains_every_parameter(out_dir):
+def test_grpo_train_cli_trains_every_parameter(full_run):
     import torch
     from transformers import AutoModelForCausalLM
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "train", *SHORT_RUN, "run.name=local", f"run.output_dir={out_dir}",
-         "cluster.num_cpus=2"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "summary: 3 steps" in proc.stdout
-    run_dir = out_dir / "local"
+    run_dir, proc = full_run
+    assert "summary: 6 steps" in proc.stdout
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["policy_version"] for r in rows] == [0, 1, 2]  # each step samples the previous update's weights
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["policy_version"] for r in rows] == [0, 1, 2, 3, 4, 5]  # each step samples the previous update's weights
     for r in rows:
-        for key in ("reward_mean", "accuracy", "format_rate", "response_length", "kl", "clip_frac", "reward/timeouts", "reward/errors",
-                    "gen_tokens_per_s", "time/generate", "time/reward", "time/train", "time/sync"):
-            assert key in r, key
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["response_length"] > 0 and r["gen_tokens_per_s"] > 0
+        # the reward is the configured weighted sum of the verifiers (accuracy 1.0, format 0.2)
+        assert r["reward_mean"] == pytest.approx(r["rewards/accuracy"] + 0.2 * r["rewards/format"])
+        assert r["accuracy"] == r["rewards/accuracy"] and r["format_rate"] == r["rewards/format"]
+        assert r["samples"] == 16 and 0 < r["response_length"] <= 48
+        # behaviour logprobs are the sampler's at temperature 0.7, as the learner scores them
+        assert r["train/sampler_logprob_diff"] < 1e-4 and r["train/skipped_updates"] == 0
+        assert r["train/entropy"] > 0 and r["train/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert r["staleness/max"] == 0 and r["reward/timeouts"] == 0 and r["reward/errors"] == 0
+        assert r["time/step"] >= r["time/train"] > 0 and r["time/generate_engine"] > 0
+    assert max(r["train/grad_norm"] for r in rows) > 0  # (a step whose groups all tie has no gradient)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "plot.png").stat().st_size > 10_000
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["prompts"] == {"taken": 24, "trained": 24, "unfinished": 0}
+    assert summary["accuracy_first5"] == pytest.approx(sum(r["accuracy"] for r in rows[:5]) / 5)
 
     start = AutoModelForCausalLM.from_pretrained(summary["model_start"], dtype=torch.float32)
     final = AutoModelForCausalLM.from_pretrained(summary["checkpoint"], dtype=torch.float32)
@@ -64,9 +64,10 @@ def test_grpo_train_cli_trains_every_parameter(out_dir):
         "from rollout.config import RolloutConfig\n"
         "from rollout.generator import Generator\n"
         "from rewards.verifiers import format_reward\n"
-        f"g = Generator({summary['checkpoint']!r}, RolloutConfig(n=8, temperature=0.6, top_p=0.95))\n"
-        "groups = g.generate([{'prompt': '3+4=', 'answer': '7'}], seed=0)\n"
+        f"g = Generator({summary['checkpoint']!r}, RolloutConfig(n=8, temperature=0.6))\n"
+        "groups = g.generate([{'prompt': '3+4=', 'answer': '7'}], [list(range(8))], {'top_p': 0.95})\n"
         "print('FORMAT', sum(format_reward(s.text, {}) for s in groups[0].samples))\n"
+        "g.close()\n"
     )
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
@@ -80,16 +81,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_runs_the_same_entrypoint(out_dir):
-    bin_dir = Path(sys.executable).parent
-    ray_cli = str(bin_dir / "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+def start_head(tmp_path, num_cpus=2, resources=None):
+    """A Ray head of our own (own ports and temp dir, in its own session, so that only it
+    is stopped afterwards) with a dashboard for `ray job submit`. -> (process, dashboard port)."""
+    import time
+    import urllib.request
+
     gcs, dash = _free_port(), _free_port()
-    subprocess.run(
-        [ray_cli, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
+           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+           f"--temp-dir={tempfile.mkdtemp(prefix='ray-', dir='/tmp')}",  # short: socket paths have a length limit
+           f"--ray-client-server-port={_free_port()}"]
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    head = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+            return head, dash
+        except OSError:
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(0.5)
+
+
+def test_ray_job_submit_runs_the_same_entrypoint(runs_dir, tmp_path):
+    out_dir = runs_dir
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head, dash = start_head(tmp_path)
     try:
         entrypoint = " ".join([sys.executable, "-m", "cluster.cli", "train", *SHORT_RUN, "run.name=job",
                                f"run.output_dir={out_dir}"])
@@ -104,4 +126,4 @@ def test_ray_job_submit_runs_the_same_entrypoint(out_dir):
         assert [r["policy_version"] for r in rows] == [0, 1, 2]
         assert (out_dir / "job" / "final" / "model.safetensors").is_file()
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_session(head.pid)

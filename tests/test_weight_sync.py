@@ -1,14 +1,17 @@
 """Learner -> vLLM weight updates through the real stack: Ray actors, vLLM engines
-(CPU), a DeepSpeed learner, the gloo transfer group."""
+(CPU), a DeepSpeed learner, the gloo transfer group; and the behaviour logprobs the
+generators record."""
 import numpy as np
 import pytest
 import ray
 import torch
 
 from cluster import placement
-from cluster.config import load_config
-from rollout.types import Group, Sample
 from rollout.buckets import TensorMeta, pack, plan_buckets, unpack
+from rollout.seeds import sample_seeds
+from tests.conftest import placed
+
+SEQ = [20, 21, 14, 26, 32, 31, 87, 75, 76, 81, 78, 33, 23, 87, 33]
 
 
 def test_buckets_pack_and_unpack_round_trip():
@@ -28,61 +31,89 @@ def test_buckets_pack_and_unpack_round_trip():
 
 @pytest.fixture(scope="module")
 def stack(tiny_model):
-    cfg = load_config(None, ["rollout.num_generators=2", "rollout.n=4", "rollout.max_tokens=6", "cluster.num_cpus=2",
-                             "learner.lr=0.01", "sync.bucket_mb=0.5"])
-    placement.start_ray(cfg.cluster)
+    cfg = placed(["rollout.num_generators=2", "rollout.n=4", "rollout.max_tokens=6", "rollout.temperature=0.7",
+                  "learner.lr=0.01", "sync.bucket_mb=0.5", "run.prompts_per_step=2"])
     gens = placement.make_generators(str(tiny_model), cfg)
-    learners, _ = placement.make_learners(str(tiny_model), cfg, sequences_per_step=8)
-    ray.get([a.ready.remote() for a in gens + learners])
-    ray.get(learners[0].connect_generators.remote(gens, [1, 1], cfg.sync))
+    learners = placement.make_learner_group(str(tiny_model), cfg)
+    ray.get([a.ready.remote() for a in gens + learners.ranks])
+    learners.connect(gens)
     yield cfg, gens, learners
     ray.shutdown()
 
 
-def hf_logprobs(model_dir, state: dict, ids: list[int]) -> np.ndarray:
+def hf_logprobs(model_dir, state: dict, ids: list[int], temperature: float = 1.0) -> np.ndarray:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1]
+        logits = model(torch.tensor([ids])).logits[0, :-1] / temperature
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1).numpy()
+
+
+def generate(gen, rows, first_key=0, n=4):
+    groups = ray.get(gen.generate.remote(rows, [sample_seeds(0, "train", first_key + i, n) for i in range(len(rows))]))
+    for i, g in enumerate(groups):
+        g.key = first_key + i
+    return groups
+
+
+def test_sampler_logprobs_are_the_behaviour_policy_at_the_sampling_temperature(stack, tiny_model):
+    cfg, gens, learners = stack
+    state = ray.get(learners.ranks[0].state_dict_numpy.remote())
+    [g] = generate(gens[0], [{"prompt": "12+7=", "answer": "19"}])
+    for s in g.samples:
+        ids = g.prompt_ids + s.completion_ids
+        at_t = hf_logprobs(tiny_model, state, ids, temperature=0.7)[len(g.prompt_ids) - 1:]
+        raw = hf_logprobs(tiny_model, state, ids, temperature=1.0)[len(g.prompt_ids) - 1:]
+        # the recorded logprob is the one the token was drawn with: temperature applied
+        assert np.abs(np.array(s.logprobs) - at_t).max() < 1e-4
+        assert np.abs(np.array(s.logprobs) - raw).max() > 1e-2
+
+
+def test_the_same_seed_draws_the_same_sample_on_any_generator(stack):
+    cfg, gens, learners = stack
+    rows = [{"prompt": "3+4=", "answer": "7"}]
+    a, b = generate(gens[0], rows, first_key=5)[0], generate(gens[1], rows, first_key=5)[0]
+    assert [s.completion_ids for s in a.samples] == [s.completion_ids for s in b.samples]
+    c = generate(gens[0], rows, first_key=6)[0]  # another prompt draw: another stream
+    assert [s.completion_ids for s in a.samples] != [s.completion_ids for s in c.samples]
+    assert len({s.seed for s in a.samples + c.samples}) == 8
 
 
 def test_update_reaches_every_engine_and_matches_transformers(stack, tiny_model):
     cfg, gens, learners = stack
-    seq = [20, 21, 14, 26, 32, 31, 87, 75, 76, 81, 78, 33, 23, 87, 33]
-    before_state = ray.get(learners[0].state_dict_numpy.remote())
-    old = [np.array(x) for x in ray.get([g.prompt_logprobs.remote(seq) for g in gens])]
-    np.testing.assert_allclose(old[0], hf_logprobs(tiny_model, before_state, seq), atol=1e-4)
+    before_state = ray.get(learners.ranks[0].state_dict_numpy.remote())
+    old = [np.array(x) for x in ray.get([g.prompt_logprobs.remote(SEQ) for g in gens])]
+    np.testing.assert_allclose(old[0], hf_logprobs(tiny_model, before_state, SEQ), atol=1e-4)
 
     rows = [{"prompt": "12+7=", "answer": "19"}, {"prompt": "3+4=", "answer": "7"}]
-    groups = [g for part in ray.get([gen.generate.remote(rows[i:i + 1], seed=i) for i, gen in enumerate(gens)]) for g in part]
+    groups = generate(gens[0], rows[:1], 0) + generate(gens[1], rows[1:], 1)
     assert all(s.version == 0 for g in groups for s in g.samples)
     for g in groups:
         assert len(g.samples) == 4
         g.rewards = [1.0, 0.0, 0.0, 1.0]
         for s in g.samples:
             assert len(s.logprobs) == len(s.completion_ids) > 0 and all(lp <= 0 for lp in s.logprobs)
-    metrics = ray.get(learners[0].train_step.remote(groups))
-    assert metrics["train/grad_norm"] > 0
-    # the learner recomputes the sampler's logprobs from the same weights
-    assert metrics["train/sampler_logprob_diff"] < 1e-3
+    metrics = learners.train(groups)
+    assert metrics["train/grad_norm"] > 0 and metrics["train/skipped_updates"] == 0
+    # the learner scores each token at the sampling temperature, as the sampler drew it
+    assert metrics["train/sampler_logprob_diff"] < 1e-4
 
-    after_state = ray.get(learners[0].state_dict_numpy.remote())
+    after_state = ray.get(learners.ranks[0].state_dict_numpy.remote())
     changed = [k for k in after_state if not np.array_equal(after_state[k], before_state[k])]
     assert len(changed) == len(after_state)
 
-    sync = ray.get(learners[0].broadcast_weights.remote(1))
+    sync = learners.push(1)
     assert sync["sync/bytes"] == sum(v.nbytes for k, v in after_state.items() if k != "lm_head.weight")
-    expected = hf_logprobs(tiny_model, after_state, seq)
+    expected = hf_logprobs(tiny_model, after_state, SEQ)
     for g in gens:
-        new = np.array(ray.get(g.prompt_logprobs.remote(seq)))
+        new = np.array(ray.get(g.prompt_logprobs.remote(SEQ)))
         assert np.abs(new - expected).max() <= 1e-4
         assert np.abs(new - old[0]).max() > 1e-3  # and it really is different from before
 
-    groups = ray.get(gens[1].generate.remote(rows, seed=5))
+    groups = generate(gens[1], rows, 10)
     assert {s.version for g in groups for s in g.samples} == {1}
     assert ray.get([g.ready.remote() for g in gens])[0]["version"] == 1
 
@@ -90,13 +121,13 @@ def test_update_reaches_every_engine_and_matches_transformers(stack, tiny_model)
     # generators' receive arena, the learner's pack buffers): no stale bytes.
     for g in groups:
         g.rewards = [1.0, 0.0, 0.0, 1.0]
-    ray.get(learners[0].train_step.remote(groups))
-    second_state = ray.get(learners[0].state_dict_numpy.remote())
-    ray.get(learners[0].broadcast_weights.remote(2))
-    second_expected = hf_logprobs(tiny_model, second_state, seq)
+    learners.train(groups)
+    second_state = ray.get(learners.ranks[0].state_dict_numpy.remote())
+    learners.push(2)
+    second_expected = hf_logprobs(tiny_model, second_state, SEQ)
     assert np.abs(second_expected - expected).max() > 1e-3
     for g in gens:
-        assert np.abs(np.array(ray.get(g.prompt_logprobs.remote(seq))) - second_expected).max() <= 1e-4
+        assert np.abs(np.array(ray.get(g.prompt_logprobs.remote(SEQ))) - second_expected).max() <= 1e-4
     timings = ray.get(gens[0].take_timings.remote())  # both syncs, as the generator saw them
     assert 0 < timings["sync/wait"] + timings["sync/load"] <= timings["sync/receive"]
     assert timings["generate/engine"] > timings["generate/convert"] > 0

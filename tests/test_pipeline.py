@@ -1,0 +1,101 @@
+"""The rollout pipeline on real Ray and real reward workers, with fake generators (a
+fake of our own small generator interface: submit / collect / abort_all): admission
+under the staleness bound, dynamic sampling in rounds, and the fate of every prompt."""
+import time
+
+import pytest
+import ray
+
+from cluster.config import load_config
+from cluster.data import PromptStream
+from cluster.driver import pipeline_settings, slowest_generator
+from cluster.pipeline import RolloutPipeline
+from rewards.worker import RewardWorker
+from tests.fakes import FakeGenerator
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def make(rows, overrides, delay=0.0, generators=2):
+    cfg = load_config(None, ["run.prompts_per_step=4", "rollout.n=4", "rewards.verifiers={accuracy: 1.0}", *overrides])
+    gens = [ray.remote(FakeGenerator).options(max_concurrency=4).remote(delay) for _ in range(generators)]
+    workers = [ray.remote(RewardWorker).remote(cfg.rewards, i) for i in range(2)]
+    stream = PromptStream(rows, seed=0)
+    return cfg, gens, RolloutPipeline(gens, workers, stream, pipeline_settings(cfg), log=lambda m: None), stream
+
+
+def test_dynamic_sampling_keeps_only_groups_with_signal_in_rounds(ray_session):
+    rows = [{"prompt": f"{kind}-{i}", "answer": "1"} for i in range(4) for kind in ("solvable", "mixed")]
+    cfg, gens, pipe, stream = make(rows, ["run.dynamic_sampling=true", "run.max_sampling_rounds=3", "run.steps=3"])
+    # what the rounds must be: the first round takes 4 prompts, each next one as many as are
+    # still missing (the mixed prompts are kept), at most 3 rounds
+    order, kept, rounds, taken = PromptStream(rows, seed=0), [], 0, []
+    while len(kept) < 4 and rounds < 3:
+        got = order.take(4 - len(kept))
+        taken += got
+        kept += [r for r in got if r["prompt"].startswith("mixed")]
+        rounds += 1
+    pipe.publish(0, 0)
+    batch = pipe.next_batch(0, timeout_s=30)
+    assert [g.prompt for g in batch.groups] == [r["prompt"] for r in kept[:4]]
+    assert [g.prompt for g in batch.sampled] == [r["prompt"] for r in taken]
+    assert batch.info["sampling_rounds"] == rounds and batch.info["groups_dropped"] == len(taken) - len(kept)
+    ray.get([g.set_version.remote(1) for g in gens])  # the weight push
+    pipe.publish(1, 1)
+    batch = pipe.next_batch(1, timeout_s=30)
+    assert len(batch.groups) <= 4 and batch.info["sampling_rounds"] <= 3
+    fates = pipe.close()
+    # every prompt taken is trained, dropped (no signal) or still in flight: none lost
+    assert fates["taken"] == stream.cursor and fates["taken"] == fates["trained"] + fates.get("dropped/no_signal", 0) \
+        + fates["unfinished"]
+    assert fates["trained"] == 4 + len(batch.groups)
+
+
+def test_without_dynamic_sampling_every_group_is_trained():
+    cfg = load_config(None, [])
+    assert pipeline_settings(cfg).dynamic_sampling is False
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_staleness_bound_holds_under_a_slow_learner(ray_session, staleness):
+    rows = [{"prompt": f"mixed-{i}", "answer": "1"} for i in range(50)]
+    steps = 8
+    cfg, gens, pipe, stream = make(rows, [f"run.max_staleness={staleness}", f"run.steps={steps}"], delay=0.05)
+    seen = []
+    pipe.publish(0, 0)
+    for step in range(steps):
+        batch = pipe.next_batch(step, timeout_s=30)
+        assert len(batch.groups) == 4
+        stale = [step - s.version for g in batch.groups for s in g.samples]
+        assert max(stale) <= staleness and batch.info["staleness/max"] == max(stale)
+        seen.append(max(stale))
+        time.sleep(0.3)  # a slow learner: the generators have time to run ahead, as far as allowed
+        ray.get([g.set_version.remote(step + 1) for g in gens])
+        pipe.publish(step + 1, step + 1)
+    fates = pipe.close()
+    assert fates == {"taken": steps * 4, "trained": steps * 4, "unfinished": 0}
+    started = {}
+    for g in gens:
+        started.update(ray.get(g.started_versions.remote()))
+    # a prompt of step b started under version >= b - S; with S = 0 never before its step's weights
+    for key, version in started.items():
+        assert version >= key // 4 - staleness
+    if staleness == 0:
+        assert seen == [0] * steps and all(version == key // 4 for key, version in started.items())
+    else:
+        assert max(seen) >= 1  # the generators did run ahead
+
+
+def test_generator_timings_take_the_slowest_and_count_the_sync_once():
+    a = {"generate/engine": 2.0, "generate/convert": 0.01, "sync/start": 0.01, "sync/receive": 0.3,
+         "sync/wait": 0.1, "sync/load": 0.2, "sync/finish": 0.02}
+    b = {"generate/engine": 2.5, "generate/convert": 0.005, "sync/start": 0.01, "sync/receive": 0.2, "sync/finish": 0.01}
+    out = slowest_generator([a, b])
+    assert out["time/generate_engine"] == 2.5 and out["time/generate_convert"] == 0.01
+    # wait and load are parts of receive: 0.01 + 0.3 + 0.02, not 0.63
+    assert out["time/sync_generator"] == pytest.approx(0.33)
