@@ -14,14 +14,16 @@ BENCHMARKS = {
     "generation": ("benchmarks.generation", "rollout actor vs raw vllm.LLM.generate, two model sizes"),
     "weight-sync": ("benchmarks.weight_sync", "learner -> generators vs raw broadcast, engine load, memcpy"),
     "rewards": ("benchmarks.rewards", "reward workers (isolated verifier processes) vs inline"),
-    "step": ("benchmarks.step", "the default job's step: generate / reward / train / sync / idle, overhead share"),
+    "step": ("benchmarks.step", "the default job's step: wait for the batch / train / sync / idle, overhead share"),
+    "pipeline": ("benchmarks.pipeline", "synchronous (S=0) against asynchronous (S=1, 2) training, pinned cores"),
 }
-RESULT_FILE = {"generation": "generation", "weight-sync": "weight_sync", "rewards": "rewards", "step": "step"}
+RESULT_FILE = {"generation": "generation", "weight-sync": "weight_sync", "rewards": "rewards", "step": "step",
+               "pipeline": "pipeline"}
 
 USAGE = "usage: grpo bench {" + ",".join([*BENCHMARKS, "all", "summary"]) + "} [options]\n\n" + "\n".join(
     f"  {name:<12} {text}" for name, (_, text) in BENCHMARKS.items()
 ) + """
-  all          every benchmark in turn (about 6 minutes on 2 cores), then the summary
+  all          every benchmark in turn (about 12 minutes on 2 cores), then the summary
   summary      summary.md / .json / .png of the reports in --out (after re-running one)
 
 Each writes <out>/<name>.json (machine, versions, config, raw figures, ratios) and
@@ -49,6 +51,12 @@ def targets(results: dict[str, dict]) -> list[list[str]]:
         v = step["results"]["overhead_share"]
         rows.append([f"orchestration overhead share of a step ({step['results']['median']['period_s']:.2f} s, "
                      f"{step['results']['samples_per_s']:.0f} samples/s)", f"{v:.1%}", "<= 10%", _yes(v <= 0.10)])
+    pipe = results.get("pipeline")
+    if pipe:
+        v = pipe["results"]["speedup"]
+        rows.append([f"async / sync samples/s, pinned cores ({pipe['results']['best']}: "
+                     f"{pipe['results']['samples_per_s_async']:.0f} vs {pipe['results']['samples_per_s_sync']:.0f})",
+                     f"{v:.2f}", ">= 1.6", _yes(v >= 1.6)])
     rew = results.get("rewards")
     if rew:
         for r in rew["results"]:

@@ -143,7 +143,7 @@ def make_peers(cfg: Any, receivers: int) -> list[Any]:
     from cluster import placement
 
     learner_like = {"num_cpus": cfg.cluster.learner_cpus, "num_gpus": cfg.cluster.learner_gpus,
-                    "runtime_env": {"env_vars": placement.thread_env(cfg.cluster)}}
+                    "runtime_env": {"env_vars": placement.thread_env(cfg.cluster.learner_threads)}}
     peer = ray.remote(RawPeer)
     return [peer.options(**learner_like).remote(cfg.sync.backend)] + [
         peer.options(**placement.generator_options(cfg)).remote(cfg.sync.backend) for _ in range(receivers)
@@ -197,19 +197,22 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
             if rep:
                 runs.append({"seconds": seconds, "learner_seconds": sent["sync/seconds"], "bytes": sent["sync/bytes"],
                              **{key: max(t.get(key, 0.0) for t in inside)
-                                for key in ("sync/start", "sync/receive", "sync/wait", "sync/load", "sync/finish")}})
+                                for key in ("sync/start", "sync/receive", "sync/wait", "sync/load", "sync/finish",
+                                            "sync/pause")}})
         if any(r["bytes"] != nbytes for r in runs):
             raise RuntimeError(f"{size}: the learner sent {runs[0]['bytes']} bytes, the plan says {nbytes}")
         ours_s = median([r["seconds"] for r in runs])
         out.append({
             "model": size, "parameters": params, "bytes": nbytes, "buckets": len(sizes), "generators": k, "reps": reps,
             "sync_s": ours_s, "sync_gb_per_s": nbytes / ours_s / 1e9,
-            # Inside the slowest generator: reload set-up, receive + load, reload post-processing.
+            # Inside the slowest generator: set-up, the transfer (on CPU the engine may keep
+            # sampling), then the pause that loads it.
             "generator_start_s": median([r["sync/start"] for r in runs]),
             "generator_receive_s": median([r["sync/receive"] for r in runs]),
             "generator_wait_s": median([r["sync/wait"] for r in runs]),  # of receive: on the wire
             "generator_load_s": median([r["sync/load"] for r in runs]),  # of receive: vLLM's loader
             "generator_finish_s": median([r["sync/finish"] for r in runs]),
+            "generator_pause_s": median([r["sync/pause"] for r in runs]),  # sampling stopped: the load
             "runs": runs,
         })
     for a in gens:

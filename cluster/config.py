@@ -77,15 +77,17 @@ class ClusterConfig(Section):
     learner_gpus: float = Field(0.0, ge=0)
     reward_cpus: float | None = Field(None, ge=0)
     """Logical CPUs per reward worker; None: 0.1 (they mostly wait on their verifier processes)."""
-    threads_per_actor: int | None = Field(None, ge=1)
-    """torch/OpenMP threads in each generator and learner actor; None: its CPU share,
-    rounded down, at least 1. Shares left at None split the cluster's CPUs evenly
-    between the generators and learner ranks (CPU-only jobs; with GPUs each gets 1),
-    so a default job never asks for more than the machine has."""
+    generator_threads: int | None = Field(None, ge=1)
+    """torch/OpenMP threads in each generator; None: its CPU share, rounded down, at least 1."""
+    learner_threads: int | None = Field(None, ge=1)
+    """torch/OpenMP threads in each learner rank; None: its CPU share, rounded down, at least 1.
+    Shares left at None split the cluster's CPUs evenly between the generators and
+    learner ranks (CPU-only jobs; with GPUs each gets 1), so a default job never asks
+    for more than the machine has."""
     pin_cpus: bool = True
-    """On a single-node CPU-only cluster, pin each generator and learner rank to its own
-    cores (sched_setaffinity) when there is at least one whole core per actor: their
-    OpenMP threads then never compete for the same core."""
+    """On a single-node CPU-only cluster, pin each generator and learner rank to cores of
+    its own (sched_setaffinity), as many as its threads, when they add up to no more
+    than the machine has: their threads then never compete for a core."""
     start_timeout_s: float = Field(300.0, gt=0)
     """Every actor must be up within this many seconds, or the job fails naming it."""
 

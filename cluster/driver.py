@@ -64,7 +64,8 @@ def place(cfg: Config, log=print) -> Config:
     pinned = placement.core_sets(cfg, nodes)
     log(f"placement: {cfg.rollout.num_generators} generator(s) x {c.generator_cpus:g} CPU, {cfg.learner.num_ranks} "
         f"learner rank(s) x {c.learner_cpus:g} CPU, {cfg.rewards.num_workers} reward worker(s) x {c.reward_cpus:g} CPU; "
-        f"{c.threads_per_actor} thread(s) each" + (f"; pinned to cores {pinned}" if pinned else ""))
+        f"{c.generator_threads} / {c.learner_threads} thread(s) per generator / learner rank"
+        + (f"; pinned to cores {pinned}" if pinned else ""))
     return cfg
 
 
@@ -162,8 +163,9 @@ def slowest_generator(per_actor: list[dict[str, float]]) -> dict[str, float]:
     """Generators' take_timings() -> the step's metrics (the slowest generator per phase)."""
     phases = {"generate/engine": "time/generate_engine", "generate/convert": "time/generate_convert"}
     out = {key: max(t.get(phase, 0.0) for t in per_actor) for phase, key in phases.items()}
-    sync_phases = ("sync/start", "sync/receive", "sync/finish")  # receive includes sync/wait and sync/load
+    sync_phases = ("sync/start", "sync/receive", "sync/finish")  # wait, load and pause are parts of these
     out["time/sync_generator"] = max(sum(t.get(k, 0.0) for k in sync_phases) for t in per_actor)
+    out["time/sync_pause"] = max(t.get("sync/pause", 0.0) for t in per_actor)
     return out
 
 

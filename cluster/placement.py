@@ -61,14 +61,17 @@ def alive_nodes() -> list[dict[str, float]]:
 
 def resolve_resources(cfg: Config, nodes: list[dict[str, float]]) -> Config:
     """A copy of cfg with every `None` (auto) share of `cluster:` filled in from the
-    cluster: CPU-only, the CPUs left after the reward workers' 0.1 each are split
-    evenly between generators and learner ranks (at most 8 each); with GPUs, one CPU
-    per GPU actor. Threads per actor: its share, rounded down, at least 1."""
+    cluster: CPU-only, the CPUs left after the reward workers' (0.1 each, or less when
+    that would leave a generator or learner rank without a whole core) are split evenly
+    between generators and learner ranks (at most 8 each); with GPUs, one CPU per GPU
+    actor. Threads per actor: its share, rounded down, at least 1."""
     c = cfg.cluster.model_copy()
     cpus = sum(n.get("CPU", 0.0) for n in nodes)
     gpu_job = bool(c.generator_gpus or c.learner_gpus)
-    if c.reward_cpus is None:
-        c.reward_cpus = REWARD_CPUS if not gpu_job else 1.0
+    heavy = cfg.rollout.num_generators + cfg.learner.num_ranks
+    if c.reward_cpus is None:  # 0.1 each, less (down to 0) where that would cost the others a whole core
+        spare = max(cpus - heavy, 0.0) / cfg.rewards.num_workers
+        c.reward_cpus = 1.0 if gpu_job else int(min(REWARD_CPUS, spare) * 100) / 100
     fixed = c.reward_cpus * cfg.rewards.num_workers
     fixed += (c.generator_cpus or 0.0) * cfg.rollout.num_generators + (c.learner_cpus or 0.0) * cfg.learner.num_ranks
     auto = (c.generator_cpus is None) * cfg.rollout.num_generators + (c.learner_cpus is None) * cfg.learner.num_ranks
@@ -77,27 +80,33 @@ def resolve_resources(cfg: Config, nodes: list[dict[str, float]]) -> Config:
         c.generator_cpus = share
     if c.learner_cpus is None:
         c.learner_cpus = share
-    if c.threads_per_actor is None:
-        c.threads_per_actor = max(1, int(min(c.generator_cpus, c.learner_cpus) + 1e-6))
+    if c.generator_threads is None:
+        c.generator_threads = max(1, int(c.generator_cpus + 1e-6))
+    if c.learner_threads is None:
+        c.learner_threads = max(1, int(c.learner_cpus + 1e-6))
     return cfg.model_copy(update={"cluster": c})
 
 
 def core_sets(cfg: Config, nodes: list[dict[str, float]]) -> dict[str, list[int]]:
     """Cores each generator ("generator i") and learner rank ("learner i") pins itself
-    to: only on one CPU-only node with a whole core per actor; else nothing is pinned."""
+    to: only on one CPU-only node where every actor gets cores of its own (as many as
+    its threads, and at least its CPU share); else nothing is pinned."""
     c = cfg.cluster
     if not c.pin_cpus or len(nodes) != 1 or c.generator_gpus or c.learner_gpus:
         return {}
     cores = sorted(os.sched_getaffinity(0))
-    names = [f"learner {i}" for i in range(cfg.learner.num_ranks)] + [f"generator {i}" for i in range(cfg.rollout.num_generators)]
-    per = c.threads_per_actor
-    if per * len(names) > len(cores) or min(c.generator_cpus, c.learner_cpus) < 1.0 - 1e-6:
+    wants = [(f"learner {i}", c.learner_threads, c.learner_cpus) for i in range(cfg.learner.num_ranks)]
+    wants += [(f"generator {i}", c.generator_threads, c.generator_cpus) for i in range(cfg.rollout.num_generators)]
+    if sum(n for _, n, _ in wants) > len(cores) or any(share < n - 1e-6 for _, n, share in wants):
         return {}
-    return {name: cores[k * per : (k + 1) * per] for k, name in enumerate(names)}
+    out, at = {}, 0
+    for name, n, _ in wants:
+        out[name], at = cores[at : at + n], at + n
+    return out
 
 
-def thread_env(cfg: ClusterConfig, cores: list[int] | None = None) -> dict[str, str]:
-    n = str(cfg.threads_per_actor)
+def thread_env(threads: int, cores: list[int] | None = None) -> dict[str, str]:
+    n = str(threads)
     env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
     if cores:
         env[CPU_SET_ENV] = ",".join(map(str, cores))
@@ -147,7 +156,7 @@ def generator_options(cfg: Config, index: int = 0) -> dict[str, Any]:
     """Ray options of a generator actor (benchmarks give raw engines the same)."""
     # A variable the user exported wins over our defaults.
     cores = core_sets(cfg, alive_nodes()).get(f"generator {index}")
-    env = {**ENGINE_ENV, **thread_env(cfg.cluster, cores)}
+    env = {**ENGINE_ENV, **thread_env(cfg.cluster.generator_threads, cores)}
     env.update({k: os.environ[k] for k in env if k in os.environ})
     return {"num_cpus": cfg.cluster.generator_cpus, "num_gpus": cfg.cluster.generator_gpus,
             "runtime_env": {"env_vars": env}, "max_concurrency": GENERATOR_CONCURRENCY}
@@ -204,7 +213,7 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tupl
             num_cpus=cfg.cluster.learner_cpus,
             num_gpus=cfg.cluster.learner_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": thread_env(cfg.cluster, cores.get(f"learner {rank}"))},
+            runtime_env={"env_vars": thread_env(cfg.cluster.learner_threads, cores.get(f"learner {rank}"))},
         ).remote(
             model_path, cfg.learner, rank, n, master_addr, master_port,
             sequences_per_step, cfg.run.steps, cfg.rollout.temperature, cfg.rollout.max_tokens, dist_backend,

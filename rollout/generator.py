@@ -56,6 +56,10 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[s
         logprobs_mode="processed_logprobs",
         weight_transfer_config={"backend": ENGINE_NAME},
         worker_extension_cls="rollout.weight_sync.WorkerExtension",
+        # A prefill split over engine steps makes vLLM rewind the seeded sampler's
+        # generator, which CPU generators cannot do ("CPU Generator does not use
+        # offset"); re-prefills after a partial-rollout update are long enough to split.
+        enable_chunked_prefill=not _cpu_platform(),
     )
 
 
@@ -126,7 +130,10 @@ class Generator:
         self._commands: list[_Command] = []
         self._requests: dict[str, tuple[_Job, int]] = {}
         self._finished: list[Group] = []
-        self._updating = False  # between start_ and finish_weight_update: no engine steps
+        self._updating = False  # GPU: between start_ and finish_weight_update, no engine steps
+        self._hold = False  # no new requests until the update lands (not partial)
+        self._off_loop = _receives_off_loop()
+        self._paused_at = 0.0
         self._closed = False
         self._error: BaseException | None = None
         self._ids = itertools.count()
@@ -144,7 +151,7 @@ class Generator:
         return out
 
     def _admitting(self) -> bool:
-        return not self._updating and not (self._commands and self._commands[0].drain)
+        return not (self._updating or self._hold) and not (self._commands and self._commands[0].drain)
 
     def _has_work(self) -> bool:
         return (self._closed or bool(self._commands and not (self._commands[0].drain and self._requests))
@@ -322,8 +329,10 @@ class Generator:
     def take_timings(self) -> dict[str, float]:
         """Seconds spent inside this actor since the last call, by phase:
         generate/engine (vLLM engine steps), generate/convert (building samples and groups),
-        sync/start, sync/receive (broadcasts + loading; of which sync/wait on the wire and
-        sync/load in vLLM's loader), sync/finish (reload post-processing, cache reset)."""
+        sync/start, sync/receive (the transfer: on CPU while the engine keeps sampling),
+        sync/finish (up to the update having landed), sync/pause (how long sampling
+        stopped for the update), sync/wait and sync/load (inside the engine: on the wire,
+        in vLLM's loader)."""
         out, self._timings = self._timings, {}
         return out
 
@@ -339,44 +348,69 @@ class Generator:
 
     # ------------------------------------------------------------ weight update
     # The learner drives these four through rollout.weight_sync.WeightSyncClient.
+    # On CPU the update is received off the loop thread into a kept buffer while the
+    # engine keeps sampling, and only the load pauses it (sync/pause); on GPUs the
+    # engine pauses from start to finish while buckets stream in and load.
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._run(lambda: self.llm.init_weight_transfer_engine({"init_info": init_info}))
 
     def start_weight_update(self) -> None:
-        """Waits for the in-flight requests to finish first, unless rollout.partial."""
-        def start() -> None:
-            t0 = time.perf_counter()
-            self.llm.start_weight_update()
-            self._updating = True
-            self._time("sync/start", time.perf_counter() - t0)
+        """Without rollout.partial, no new request starts from here until the update has
+        landed, which waits for the requests in flight to finish."""
+        t0 = time.perf_counter()
+        if self._off_loop:
+            with self._cv:
+                self._hold = not self.cfg.partial
+        else:
+            def start() -> None:
+                self._paused_at = time.perf_counter()
+                self.llm.start_weight_update()
+                self._updating = True
 
-        self._run(start, drain=not self.cfg.partial)
+            self._run(start, drain=not self.cfg.partial)
+        self._time("sync/start", time.perf_counter() - t0)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
-        def update() -> None:
-            t0 = time.perf_counter()
-            self.llm.update_weights({"update_info": update_info})
-            self._time("sync/receive", time.perf_counter() - t0)
-            workers = self.llm.collective_rpc("weight_sync_timings")
-            for key in ("sync/wait", "sync/load"):  # inside the engine: the slowest worker's
-                self._time(key, max(t.get(key, 0.0) for t in workers))
-
-        self._run(update)
+        t0 = time.perf_counter()
+        if self._off_loop:
+            self.llm.collective_rpc("receive_weights_only", args=(update_info,))
+        else:
+            self._run(lambda: self.llm.update_weights({"update_info": update_info}))
+        self._time("sync/receive", time.perf_counter() - t0)
 
     def finish_weight_update(self, weight_version: int) -> None:
         def finish() -> None:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() if self._off_loop else self._paused_at
+            if self._off_loop:
+                self.llm.start_weight_update()
+                self.llm.collective_rpc("load_received_weights")
             self.llm.finish_weight_update(weight_version=str(weight_version))
             # KV computed with the old weights must not be reused: cached prefixes are
             # dropped, and running requests re-prefilled under the new weights.
             self.llm.reset_prefix_cache(reset_running_requests=bool(self._requests))
             self.version = weight_version
-            self._updating = False
-            self._time("sync/finish", time.perf_counter() - t0)
+            self._updating = self._hold = False
+            self._time("sync/pause", time.perf_counter() - t0)
 
-        self._run(finish)
+        t0 = time.perf_counter()
+        self._run(finish, drain=self._off_loop and not self.cfg.partial)
+        workers = self.llm.collective_rpc("weight_sync_timings")
+        for key in ("sync/wait", "sync/load"):  # inside the engine: the slowest worker's
+            self._time(key, max(t.get(key, 0.0) for t in workers))
+        self._time("sync/finish", time.perf_counter() - t0)
 
     def engine_world_size(self) -> int:
         """Workers (TP x PP) inside this engine: each takes one rank in the sync group."""
         return self.cfg.tensor_parallel_size
 
+
+def _cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _receives_off_loop() -> bool:
+    """CPU engines receive updates into a kept buffer off the engine loop (see
+    rollout/weight_sync.py); GPU engines stream buckets straight into the model."""
+    return _cpu_platform()

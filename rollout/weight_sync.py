@@ -129,6 +129,7 @@ class CollectiveWeightTransferEngine(
         self.group: ProcessGroup | None = None
         self.timings: dict[str, float] = {}
         self.arena: torch.Tensor | None = None
+        self.received: list[tuple[torch.Tensor, list[TensorMeta]]] | None = None
 
     def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
         self.shutdown()  # re-initialising (e.g. a new set of generators) leaves the old group
@@ -155,50 +156,68 @@ class CollectiveWeightTransferEngine(
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def receive_weights(self, info: CollectiveUpdateInfo) -> None:
+    def _buckets(self, info: CollectiveUpdateInfo) -> tuple[list[list[TensorMeta]], list[int]]:
         if self.group is None:
             raise RuntimeError("weight transfer not initialised: call init_weight_transfer_engine")
         metas = info.metas()
         buckets = [[metas[i] for i in b] for b in plan_buckets(metas, info.bucket_bytes)]
-        sizes = [sum(m.nbytes for m in b) for b in buckets]
-        # On CPU every bucket lands in one arena kept across syncs: malloc returns big
-        # blocks to the OS, and faulting fresh pages in costs more than the transfer.
-        # The arena never reuses memory within a sync (partly loaded layers may keep
-        # views of earlier buckets), so all buckets are received first, then loaded:
-        # on CPU the receiving thread and the loader's OpenMP threads would compete
-        # for the same cores (measured: overlapping them is ~15% slower on 2 cores).
-        # On GPUs the caching allocator already reuses memory and a spare model copy
-        # costs too much: each bucket gets its own buffer, and the next bucket
-        # arrives while this one loads.
+        return buckets, [sum(m.nbytes for m in b) for b in buckets]
+
+    def receive_into_arena(self, info: CollectiveUpdateInfo) -> None:
+        """CPU: receive every bucket into one arena kept across syncs, loading nothing
+        (the engine may keep sampling meanwhile); `load_received` loads them.
+
+        malloc returns big blocks to the OS, and faulting fresh pages in costs more
+        than the transfer, hence the kept arena. It never reuses memory within a sync
+        (partly loaded layers may keep views of earlier buckets), so all buckets are
+        received first, then loaded: on CPU the receiving thread and the loader's
+        OpenMP threads would compete for the same cores (measured: overlapping them is
+        ~15% slower on 2 cores)."""
+        buckets, sizes = self._buckets(info)
         starts = [0]
         for size in sizes[:-1]:  # each bucket 64-byte aligned, so its tensors' views are too
             starts.append(starts[-1] + -(-size // 64) * 64)
-        arena = self._arena(starts[-1] + sizes[-1] if sizes else 0) if self.device.type == "cpu" else None
-        ahead = len(buckets) if arena is not None else 1
-        posted: dict[int, tuple[torch.Tensor, Any]] = {}
-
-        def post(k: int) -> None:
-            if arena is not None:
-                flat = arena[starts[k] : starts[k] + sizes[k]]
-            else:
-                flat = torch.empty(sizes[k], dtype=torch.uint8, device=self.device)
-            posted[k] = flat, broadcast_async(self.group, flat)
-
-        for k in range(min(ahead, len(buckets))):
-            post(k)
-        waited = loaded = 0.0
+        arena = self._arena(starts[-1] + sizes[-1] if sizes else 0)
+        flats = [arena[start : start + size] for start, size in zip(starts, sizes)]
         t0 = time.perf_counter()
-        if arena is not None:
-            for _, work in posted.values():
-                work.wait()
-        waited += time.perf_counter() - t0
+        for work in [broadcast_async(self.group, flat) for flat in flats]:
+            work.wait()
+        self.received = list(zip(flats, buckets))
+        self.timings = {"sync/wait": time.perf_counter() - t0, "sync/load": 0.0}
+
+    def load_received(self) -> None:
+        """Load what receive_into_arena received (between start_ and finish_weight_update)."""
+        if self.received is None:
+            raise RuntimeError("no received weights to load")
+        t0 = time.perf_counter()
+        for flat, bucket_metas in self.received:
+            self.model.load_weights(unpack(flat, bucket_metas))
+        self.received = None
+        self.timings["sync/load"] = time.perf_counter() - t0
+
+    def receive_weights(self, info: CollectiveUpdateInfo) -> None:
+        """Receive and load (vLLM's update_weights path). On GPUs the caching allocator
+        already reuses memory and a spare model copy costs too much: each bucket gets
+        its own buffer, and the next bucket arrives while this one loads."""
+        if self.device.type == "cpu":
+            self.receive_into_arena(info)
+            self.load_received()
+            return
+        buckets, sizes = self._buckets(info)
+        waited = loaded = 0.0
+        pending = None
         for k, bucket_metas in enumerate(buckets):
-            flat, work = posted.pop(k)
+            if pending is None:
+                flat = torch.empty(sizes[k], dtype=torch.uint8, device=self.device)
+                pending = flat, broadcast_async(self.group, flat)
+            flat, work = pending
             t0 = time.perf_counter()
             work.wait()
             t1 = time.perf_counter()
-            if k + ahead < len(buckets):
-                post(k + ahead)  # arrives while this bucket loads
+            pending = None
+            if k + 1 < len(buckets):  # arrives while this bucket loads
+                nxt = torch.empty(sizes[k + 1], dtype=torch.uint8, device=self.device)
+                pending = nxt, broadcast_async(self.group, nxt)
             self.model.load_weights(unpack(flat, bucket_metas))
             waited += t1 - t0
             loaded += time.perf_counter() - t1
@@ -250,4 +269,13 @@ class WorkerExtension:
         """Seconds the last update spent waiting on the wire and loading (this worker)."""
         engine = getattr(self, "weight_transfer_engine", None)
         return dict(engine.timings) if isinstance(engine, CollectiveWeightTransferEngine) else {}
+
+    def receive_weights_only(self, update_info: dict[str, Any]) -> None:
+        """CPU: receive an update into the arena without touching the model (safe while
+        the engine steps: only the transfer group and the arena are used)."""
+        engine = self.weight_transfer_engine
+        engine.receive_into_arena(engine.parse_update_info(update_info))
+
+    def load_received_weights(self) -> None:
+        self.weight_transfer_engine.load_received()
 

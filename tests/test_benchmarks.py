@@ -68,8 +68,9 @@ def test_weight_sync_bench_reports_against_its_limits(tmp_path):
     assert r["bytes"] == 4 * r["parameters"] == 4_256_256 and r["buckets"] == 5
     assert all(run["bytes"] == r["bytes"] for run in r["runs"])  # every sync sent the whole model
     # The generator's own account of the sync (measured in another process) fits inside the learner's.
-    assert 0 < r["generator_wait_s"] + r["generator_load_s"] <= r["generator_receive_s"] < r["sync_s"]
-    assert all(run["sync/receive"] < run["seconds"] for run in r["runs"])
+    assert 0 < r["generator_wait_s"] <= r["generator_receive_s"] < r["sync_s"]
+    assert 0 < r["generator_load_s"] <= r["generator_pause_s"] <= r["generator_finish_s"] < r["sync_s"]
+    assert all(run["sync/receive"] + run["sync/finish"] < run["seconds"] for run in r["runs"])
     assert data["config"]["sync"]["bucket_mb"] == 1
     assert "sync/raw" in proc.stdout and "1M" in proc.stdout
 
@@ -111,3 +112,18 @@ def test_bad_override_is_named_before_anything_starts(tmp_path):
     assert proc.returncode == 2
     assert "grpo bench weight-sync: invalid config" in proc.stderr and "sync.bucket_mb" in proc.stderr
     assert not list(tmp_path.iterdir())  # no model built, no report written
+
+
+def test_pipeline_bench_figures_come_from_the_steps_after_warmup():
+    from benchmarks.pipeline import measure
+
+    def row(step, started, wait, stale):
+        return {"step": step, "time/started": started, "time/wait_batch": wait, "time/train": 1.0, "time/sync": 0.1,
+                "time/generate_engine": 1.5, "train/seconds": 0.9, "time/sync_pause": 0.05,
+                "staleness/mean": stale, "staleness/max": int(stale), "accuracy": 0.5}
+
+    rows = [row(1, 0.0, 9.0, 0), row(2, 9.0, 2.0, 0), row(3, 11.0, 0.5, 1), row(4, 13.0, 0.5, 1), row(5, 14.6, 0.5, 1)]
+    m = measure(rows, warmup=2, samples=256)  # steps 3-5: periods 2.0 and 1.6
+    assert m["period_s"] == pytest.approx(1.8) and m["samples_per_s"] == pytest.approx(256 / 1.8)
+    assert m["steps_measured"] == 2 and m["staleness_max"] == 1 and m["wait_batch_s"] == 0.5
+    assert m["generator_busy_share"] == pytest.approx(1.5 / 1.8)
