@@ -33,6 +33,11 @@ class RawPeer:
 
         return get_open_port()
 
+    def address(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
     def open(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
         from rollout.weight_sync import open_group
 
@@ -155,7 +160,8 @@ def raw_broadcast(peers: list[Any], sizes: list[int], receivers: int, cfg: Any, 
 
     group = peers[: receivers + 1]
     port = ray.get(group[0].free_port.remote())
-    ray.get([p.open.remote(cfg.sync.master_address, port, rank, len(group), cfg.sync.timeout_s)
+    host = cfg.sync.master_address or ray.get(group[0].address.remote())
+    ray.get([p.open.remote(host, port, rank, len(group), cfg.sync.timeout_s)
              for rank, p in enumerate(group)])
     times = []
     for _ in range(reps + 1):  # the first is a warm-up

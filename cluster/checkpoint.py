@@ -12,8 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import ray
-
 STATE_FILE = "run_state.json"
 
 
@@ -26,13 +24,14 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda d: int(d.name.split("-")[1]))
 
 
-def save(learners: list[Any], run_dir: Path, state: dict[str, Any], keep: int) -> Path:
-    """Every learner rank's DeepSpeed state, the HF export, then the run state (last)."""
+def save(learners: Any, run_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Every learner rank's DeepSpeed state, the HF export, then the run state (last).
+    learners: a LearnerGroup (its calls have deadlines)."""
     path = (run_dir / "checkpoints" / f"step-{state['step']}").resolve()
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    ray.get([lrn.save_checkpoint.remote(str(path / "deepspeed")) for lrn in learners])
-    ray.get([lrn.save_hf.remote(str(path / "hf")) for lrn in learners])  # a collective under ZeRO-3
+    learners.save_checkpoint(str(path / "deepspeed"))
+    learners.save_hf(str(path / "hf"))  # a collective under ZeRO-3
     (path / STATE_FILE).write_text(json.dumps(state))
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -46,5 +45,5 @@ def latest(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     return dirs[-1], json.loads((dirs[-1] / STATE_FILE).read_text())
 
 
-def restore(learners: list[Any], path: Path) -> None:
-    ray.get([lrn.load_checkpoint.remote(str(path / "deepspeed")) for lrn in learners])
+def restore(learners: Any, path: Path) -> None:
+    learners.load_checkpoint(str(path / "deepspeed"))

@@ -1,7 +1,11 @@
-"""`grpo` command line. Imports nothing heavy until a command runs, so --help is instant."""
+"""`grpo` command line. Imports nothing heavy until a command runs, so --help is instant.
+
+Commands outside cluster/ (the benchmarks) are found through the `grpo.commands`
+entry point group, so that cluster/ never imports them."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -10,7 +14,8 @@ Run GRPO: generators (vLLM) -> reward workers -> DeepSpeed learner -> weights ba
 
 With no arguments, runs the default job on this machine: a tiny Qwen2 model with a
 character tokenizer, a short cold-start SFT on the built-in arithmetic task (cached),
-then GRPO on held-apart prompts with accuracy and format rewards.
+then GRPO on held-apart prompts with accuracy and format rewards, evaluated on
+prompts neither stage trains on.
 
 Overrides are key.sub=value pairs applied on top of --config, e.g.
   grpo train run.steps=20 rollout.n=4 learner.lr=1e-4 rewards.verifiers='{accuracy: 1.0}'
@@ -19,17 +24,85 @@ starting Ray.
 """
 
 
+def _plugin_commands() -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group="grpo.commands")}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="stream everything the actors print to the console "
+                                                           "(default: RUN/logs/, one file per actor)")
+    p.add_argument("--config", help="YAML config file (sections: model, data, rollout, rewards, learner, sync, run, "
+                                    "cluster, faults, eval)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="Distributed GRPO on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train", help="run a training job", description=TRAIN_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument("--config", help="YAML config file (sections: model, data, rollout, rewards, learner, sync, run, cluster)")
+    train = sub.add_parser("train", help="run a training job", description=TRAIN_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its last checkpoint, with its config.yaml (overrides still apply)")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    _common(train)
+
+    ev = sub.add_parser("eval", help="pass@k and cons@k of a model on held-out prompts",
+                        description="Sample K completions per prompt on the generators (temperature 0.6, top-p 0.95 "
+                        "unless eval.* overrides say otherwise), score them with the reward workers, and write "
+                        "DIR/eval.json, DIR/samples.jsonl and DIR/eval.png.")
+    ev.add_argument("model", help="an HF model directory, or a run directory (its final/ and config.yaml)")
+    ev.add_argument("--data", help="JSONL prompts with answers (default: the built-in task's held-out prompts)")
+    ev.add_argument("--k", type=int, help="samples per prompt (eval.k)")
+    ev.add_argument("--output", required=True, help="output directory")
+    _common(ev)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion rows (DeepSpeed, the learner's set-up)")
+    sft.add_argument("--data", required=True, help="JSONL rows with `prompt` and `completion`")
+    sft.add_argument("--model", required=True, help="HF model directory to start from")
+    sft.add_argument("--output", required=True, help="where the fine-tuned HF model goes")
+    sft.add_argument("--steps", type=int, default=200)
+    sft.add_argument("--batch-size", type=int, default=32)
+    sft.add_argument("--lr", type=float, default=1e-3)
+    _common(sft)
+
+    dist = sub.add_parser("distill", help="R1 distillation: teacher samples, verified answers, student SFT",
+                          description="Sample K answers per prompt from TEACHER, keep the verified-correct ones, "
+                          "fine-tune STUDENT on them, and report the student's pass@1 on held-out prompts before "
+                          "and after.")
+    dist.add_argument("--teacher", required=True, help="HF model directory, or a run directory (its final/)")
+    dist.add_argument("--student", required=True, help="HF model directory, or `tiny` (the built-in tiny model after "
+                                                        "its cold start, as model.tiny / model.cold_start say)")
+    dist.add_argument("--data", help="JSONL prompts with answers (default: the built-in task's RL prompts)")
+    dist.add_argument("--eval-data", help="held-out JSONL prompts (default: the built-in task's held-out prompts)")
+    dist.add_argument("--k", type=int, default=8)
+    dist.add_argument("--keep", type=int, default=2, help="verified completions kept per prompt")
+    dist.add_argument("--steps", type=int, default=200)
+    dist.add_argument("--batch-size", type=int, default=32)
+    dist.add_argument("--lr", type=float, default=1e-3)
+    dist.add_argument("--output", required=True)
+    _common(dist)
+
+    smp = sub.add_parser("samples", help="print a run's recorded samples",
+                         description="Print samples a run recorded (RUN/rollouts): the prompt, the completion "
+                         "with its <think> and <answer> parts, each verifier's score and the advantage.")
+    smp.add_argument("run", help="run directory")
+    smp.add_argument("--step", type=int, help="step (default: the last recorded)")
+    pick = smp.add_mutually_exclusive_group()
+    pick.add_argument("--best", type=int, metavar="K", help="the K highest rewards")
+    pick.add_argument("--worst", type=int, metavar="K", help="the K lowest rewards")
+    pick.add_argument("--random", type=int, metavar="K", help="K at random (default 5)")
+    smp.add_argument("--verifier", help="rank by this verifier's score instead of the total reward")
+    smp.add_argument("--json", action="store_true", help="one JSON object per sample")
+
+    rep = sub.add_parser("replay", help="re-run the learner alone on a run's recorded rollouts",
+                         description="Restore the last checkpoint before --from-step, train on the recorded "
+                         "batches (no generators, no verifiers) and compare each step's learner metrics with the "
+                         "recorded ones. Overrides (e.g. learner.clip_high=0.28) make it a controlled experiment.")
+    rep.add_argument("run", help="run directory")
+    rep.add_argument("--from-step", type=int, required=True)
+    rep.add_argument("--steps", type=int, default=3)
+    rep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (learner.*)")
 
     verify = sub.add_parser(
         "verify", help="score completions with one verifier",
@@ -45,62 +118,186 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--args", help="JSON object of keyword arguments for the verifier")
     verify.add_argument("--external", help='JSON object as rewards.external, e.g. {"mine": {"command": ["./v"]}}')
     verify.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
-    # Parsed by benchmarks/cli.py (each benchmark has its own options); listed here for --help.
-    sub.add_parser("bench", help="throughput benchmarks, each against its limit (grpo bench --help)", add_help=False)
+    for name in _plugin_commands():  # each parses its own options; listed here for --help
+        sub.add_parser(name, help=f"(see grpo {name} --help)", add_help=False)
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace, extra: list[str] = (), base: Path | None = None):
+    """The command's config (--config, else a run's config.yaml, + overrides), or exit 2."""
     from cluster.config import ConfigError, load_config
-    from cluster.data import DatasetError
 
+    try:
+        return load_config(args.config or base, [*extra, *args.overrides])
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"grpo: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _quiet(verbose: bool) -> None:
+    """Keep third-party deprecation chatter of the driver process off the console."""
+    if not verbose:
+        import warnings
+
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category)
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _run(fn, *a, **kw):
+    """Run a command's conduct; a bad input (config, data, placement) exits 2 with its
+    message, a run that failed past its fault limits exits 1."""
+    from cluster.config import ConfigError
+    from cluster.data import DatasetError
+    from cluster.pipeline import PipelineError
+    from cluster.placement import PlacementError
+    from cluster.supervisor import FaultLimit
+    from rewards.api import VerifierError
+
+    try:
+        return fn(*a, **kw)
+    except (ConfigError, DatasetError, FileNotFoundError, VerifierError, PlacementError, ValueError) as e:
+        print(f"grpo: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except (FaultLimit, PipelineError) as e:  # what failed and how often; checkpoints stay for --resume
+        cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""  # an actor's error, in full
+        print(f"grpo: the run failed: {e}{cause}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _train(args: argparse.Namespace) -> int:
     resume = None
     if args.resume:
         resume = Path(args.resume)
         if args.config or not (resume / "config.yaml").is_file():
             print("grpo: --resume takes a run directory with its config.yaml, and no --config", file=sys.stderr)
             return 2
-        args.config = resume / "config.yaml"
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"grpo: {e}", file=sys.stderr)
-        return 2
+    cfg = _config(args, base=resume / "config.yaml" if resume else None)
+    _quiet(args.verbose)
     from cluster.driver import train
 
-    from cluster.placement import PlacementError
-    from rewards.api import VerifierError
-
-    try:
-        summary = train(cfg, resume=resume)
-    except (ConfigError, DatasetError, FileNotFoundError, VerifierError, PlacementError) as e:
-        print(f"grpo: {e}", file=sys.stderr)
-        return 2
+    summary = _run(train, cfg, resume=resume, verbose=args.verbose)
     w = 5
     print(
         f"\nsummary: {summary['steps']} steps in {summary['seconds_total']:.0f} s | "
         f"accuracy first {w}: {summary[f'accuracy_first{w}']:.3f} -> last {w}: {summary[f'accuracy_last{w}']:.3f} "
         f"(gain {summary['accuracy_gain']:+.3f}) | reward {summary[f'reward_mean_first{w}']:.3f} -> "
-        f"{summary[f'reward_mean_last{w}']:.3f} | format {summary[f'format_rate_last{w}']:.3f}\n"
-        f"run directory: {summary['run_dir']}  (metrics.jsonl, plot.png, final/)"
+        f"{summary[f'reward_mean_last{w}']:.3f} | format {summary[f'format_rate_last{w}']:.3f}"
+        + "".join(f"\neval after step {e['step']}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in e.items()
+                                                                  if k.startswith("eval/") and k != "eval/seconds")
+                  for e in summary.get("evals", []))
+        + f"\nrun directory: {summary['run_dir']}  (metrics.jsonl, plot.png, final/)"
     )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cluster.evaluation import eval_command, resolve_model
+
+    _, run_dir = _run(resolve_model, args.model)
+    base = run_dir / "config.yaml" if run_dir and not args.config else None
+    cfg = _config(args, [f"eval.k={args.k}"] if args.k else [], base)
+    report = _run(eval_command, cfg, args.model, args.data, Path(args.output))
+    k = report["k"]
+    print(f"eval: {report['n_prompts']} prompts x {k} in {report['seconds']:.0f} s | pass@1 {report['pass@1']:.3f} | "
+          + " | ".join(f"pass@{j} {report[f'pass@{j}']:.3f}" for j in [2**i for i in range(1, k.bit_length())]
+                       if f"pass@{j}" in report)
+          + f" | cons@{k} {report[f'cons@{k}']:.3f} | mean length {report['mean_length']:.1f}\n"
+          f"wrote {args.output}/eval.json, samples.jsonl, eval.png")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from cluster.data import load_pairs
+    from cluster.driver import place
+    from cluster.sft import SFTSettings, run_sft
+
+    cfg = _config(args)
+    pairs = _run(load_pairs, args.data)
+    cfg = _run(place, cfg)
+    result = _run(run_sft, cfg, args.model, pairs, SFTSettings(args.steps, args.batch_size, args.lr, cfg.run.seed),
+                  Path(args.output))
+    print(f"sft: {len(pairs)} examples, {args.steps} steps in {result['seconds']:.0f} s | loss "
+          f"{result['loss_first']:.3f} -> {result['loss_last']:.3f} | model: {args.output}")
+    Path(args.output, "sft.json").write_text(json.dumps(result))
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from cluster.data import apply_template, eval_rows, load_jsonl, rl_rows
+    from cluster.distill import DistillSettings, distill
+    from cluster.driver import place
+    from cluster.evaluation import resolve_model
+    from cluster.model_prep import prepare_model
+
+    cfg = _config(args)
+    teacher, _ = _run(resolve_model, args.teacher)
+    prompts = _run(load_jsonl, args.data) if args.data else rl_rows(cfg.data)
+    held_out = _run(eval_rows, cfg.data, args.eval_data)
+    held_out = held_out[: cfg.eval.max_prompts] if cfg.eval.max_prompts else held_out
+    cfg = _run(place, cfg)
+    student = _run(prepare_model, cfg) if args.student == "tiny" else _run(resolve_model, args.student)[0]
+    if args.data:
+        prompts = apply_template(prompts, cfg.data.template, teacher)
+    settings = DistillSettings(args.k, args.keep, args.steps, args.batch_size, args.lr)
+    report = _run(distill, cfg, teacher, student, prompts, held_out, settings, Path(args.output))
+    print(f"distill: kept {report['examples_kept']} verified completions (teacher pass@1 {report['teacher_pass@1']:.3f}) | "
+          f"student pass@1 on {report['held_out_prompts']} held-out prompts: {report['student_pass@1_before']:.3f} -> "
+          f"{report['student_pass@1_after']:.3f} | {args.output}/distill.json")
+    return 0
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from cluster.record import select
+    from cluster.show import show_sample
+
+    mode, count = next(((m, getattr(args, m)) for m in ("best", "worst", "random") if getattr(args, m)), ("random", 5))
+    items = _run(lambda: list(select(Path(args.run), args.step, mode, count, args.verifier)))
+    color = sys.stdout.isatty() and not args.json
+    for item in items:
+        print(json.dumps(item) if args.json else show_sample(item, color))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from cluster.replay import COMPARED, replay
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        print(f"grpo: {run} is not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    args.config = None
+    cfg = _config(args, base=run / "config.yaml")
+    result = _run(replay, cfg, run, args.from_step, args.steps)
+    for r in result["rows"]:
+        print(f"step {r['step']}: " + "  ".join(
+            f"{k[6:]} {r[f'replay/{k}']:.6g} (recorded {r[f'recorded/{k}']:.6g})" for k in COMPARED[:3]
+            if r[f"replay/{k}"] is not None and r[f"recorded/{k}"] is not None))
+    print(f"replay: max |replayed - recorded| over {len(COMPARED)} learner metrics: {result['max_abs_diff']:.3g} "
+          f"-> {result['output']}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        from benchmarks.cli import main as bench_main
+    plugins = _plugin_commands()
+    if argv and argv[0] in plugins:
+        from importlib import import_module
 
-        return bench_main(argv[1:])
+        module, _, attr = plugins[argv[0]].partition(":")
+        return getattr(import_module(module), attr)(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "train":
-        return _train(args)
     if args.command == "verify":
         from rewards.verify_cli import main as verify_main
 
         return verify_main(args)
-    return 2
+    try:
+        return {"train": _train, "eval": _eval, "sft": _sft, "distill": _distill, "samples": _samples,
+                "replay": _replay}[args.command](args)
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 if __name__ == "__main__":

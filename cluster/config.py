@@ -29,9 +29,38 @@ class DataConfig(Section):
     max_operand: int = Field(29, ge=1)
     """Arithmetic: operands are drawn from 0..max_operand."""
     rl_share: float = Field(0.5, gt=0, lt=1)
-    """Arithmetic: share of all operand pairs held apart for RL (the rest feed the cold start)."""
+    """Arithmetic: share of all operand pairs held apart for RL (the rest, but eval_share,
+    feed the cold start)."""
+    eval_share: float = Field(0.1, ge=0, lt=1)
+    """Arithmetic: share of all operand pairs held out of both the cold start and RL, for evaluation."""
+    template: Literal["none", "r1_zero", "chat"] = "none"
+    """How JSONL prompts are shown to the model: as written, in the R1-Zero instruction
+    (reason in <think>, answer in <answer>, no examples), or through the tokenizer's chat
+    template. The built-in task keeps its own format."""
     seed: int = 0
     """Seeds the split and the order in which prompts are drawn."""
+
+
+class EvalConfig(Section):
+    """Evaluation as R1 reports it: K samples per prompt, pass@1 over them, pass@j and cons@K."""
+
+    every: int = Field(20, ge=0)
+    """During training, evaluate every this many steps, and before the first and after the
+    last (0: never; skipped for a JSONL dataset without eval.data)."""
+    data: str | None = None
+    """Held-out JSONL prompts; None: the built-in task's held-out split."""
+    k: int = Field(4, ge=1)
+    """Samples per prompt."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Evaluate on the first this many prompts only."""
+    temperature: float = Field(0.6, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    """None: rollout.max_tokens."""
+
+    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "logprobs": False,
+                "max_tokens": self.max_tokens or default_max_tokens}
 
 
 class RunConfig(Section):
@@ -42,9 +71,10 @@ class RunConfig(Section):
     """Each run writes to <output_dir>/<name>."""
     name: str | None = None
     """Run directory name; default: a timestamp."""
-    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(10, ge=0)
     """Every K steps save a resumable checkpoint: DeepSpeed state (optimizer included),
-    run state and an HF export (0: only the final HF export)."""
+    run state and an HF export (0: only the final HF export). A lost learner rank
+    restarts the learner group from the last one, redoing at most K steps."""
     keep_checkpoints: int = Field(2, ge=1)
     """Keep the last M checkpoints."""
     seed: int = 0
@@ -61,6 +91,15 @@ class RunConfig(Section):
     sample more prompts until the batch is full."""
     max_sampling_rounds: int = Field(3, ge=1)
     """Cap on sampling rounds per step with dynamic sampling (then train on what there is)."""
+    record_rollouts: bool = True
+    """Write every sampled group (trained or dropped) to RUN/rollouts/ (msgpack; see
+    cluster/record.py), for `grpo samples` and `grpo replay`."""
+    record_max_mb: float = Field(512.0, gt=0)
+    """Size bound of RUN/rollouts/: the oldest steps are deleted past it."""
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
+    """Where metrics go: metrics.jsonl always; `tensorboard` (RUN/tensorboard: every
+    metric as a scalar, a few samples per step as text) and `wandb` (only when the
+    package is installed; honours WANDB_MODE=offline and the usual WANDB_* variables)."""
 
 
 class ClusterConfig(Section):
@@ -77,6 +116,13 @@ class ClusterConfig(Section):
     learner_gpus: float = Field(0.0, ge=0)
     reward_cpus: float | None = Field(None, ge=0)
     """Logical CPUs per reward worker; None: 0.1 (they mostly wait on their verifier processes)."""
+    generator_resources: dict[str, float] = {}
+    """Custom Ray resources each generator asks for, e.g. {gpu_node: 1}: generators then
+    run only on nodes started with that resource (`ray start --resources='{"gpu_node": 8}'`)."""
+    learner_resources: dict[str, float] = {}
+    """Custom Ray resources each learner rank asks for (ranks pack on as few nodes as fit)."""
+    reward_resources: dict[str, float] = {}
+    """Custom Ray resources each reward worker asks for, e.g. {cpu_node: 1} for CPU-only nodes."""
     generator_threads: int | None = Field(None, ge=1)
     """torch/OpenMP threads in each generator; None: its CPU share, rounded down, at least 1."""
     learner_threads: int | None = Field(None, ge=1)
@@ -84,12 +130,32 @@ class ClusterConfig(Section):
     Shares left at None split the cluster's CPUs evenly between the generators and
     learner ranks (CPU-only jobs; with GPUs each gets 1), so a default job never asks
     for more than the machine has."""
+    bundle_cpus: float = Field(1.0, ge=0)
+    """CPUs in each GPU bundle of a tensor-parallel generator's placement group (TP > 1)."""
     pin_cpus: bool = True
     """On a single-node CPU-only cluster, pin each generator and learner rank to cores of
     its own (sched_setaffinity), as many as its threads, when they add up to no more
     than the machine has: their threads then never compete for a core."""
     start_timeout_s: float = Field(300.0, gt=0)
     """Every actor must be up within this many seconds, or the job fails naming it."""
+
+
+class FaultConfig(Section):
+    """Losing a worker is not losing the run: deadlines, probes and replacement limits."""
+
+    max_restarts: int = Field(3, ge=0)
+    """Replacements allowed per kind of actor (generator, reward worker, learner group) in
+    one run; one more fault of that kind fails the job, naming what failed and how often."""
+    health_interval_s: float = Field(2.0, gt=0)
+    """Seconds between health probes of a generator."""
+    health_timeout_s: float = Field(15.0, gt=0)
+    """A generator that does not answer a probe within this is hung: killed and replaced.
+    It also pads a reward worker's deadline (its groups at every verifier's timeout)."""
+    stall_timeout_s: float = Field(120.0, gt=0)
+    """A generator with work whose engine makes no step for this long is hung."""
+    step_timeout_s: float = Field(900.0, gt=0)
+    """Deadline of every learner call (a train step, a weight push, a checkpoint); past it,
+    or when a rank dies, the learner group restarts from the last checkpoint."""
 
 
 class Config(Section):
@@ -101,6 +167,8 @@ class Config(Section):
     sync: WeightSyncConfig = WeightSyncConfig()
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = ClusterConfig()
+    faults: FaultConfig = FaultConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -22,17 +22,24 @@ def reference_completion(a: int, b: int) -> str:
     return f"<think>{a % 10}+{b % 10}={a % 10 + b % 10}</think><answer>{a + b}</answer>"
 
 
-def arithmetic_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All pairs a+b with operands 0..max_operand, split (seeded) into cold-start rows
-    and RL rows held apart from them. -> (sft_rows, rl_rows)."""
+def arithmetic_split(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
+    """All pairs a+b with operands 0..max_operand, split (seeded) three ways, each held
+    apart from the others: "eval" (never trained on), "rl" and "sft" (the cold start)."""
     pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(cfg.max_operand + 1)]
     random.Random(cfg.seed).shuffle(pairs)
+    n_eval = int(len(pairs) * cfg.eval_share)
     n_rl = max(1, int(len(pairs) * cfg.rl_share))
     rows = [
         {"prompt": f"{a}+{b}=", "answer": str(a + b), "reference": reference_completion(a, b)}
         for a, b in pairs
     ]
-    return rows[n_rl:], rows[:n_rl]
+    return {"eval": rows[:n_eval], "rl": rows[n_eval : n_eval + n_rl], "sft": rows[n_eval + n_rl :]}
+
+
+def arithmetic_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """-> (cold-start rows, RL rows) of the built-in task."""
+    split = arithmetic_split(cfg)
+    return split["sft"], split["rl"]
 
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -62,8 +69,68 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+R1_ZERO = (
+    "A user asks a question and the assistant works it out. The assistant first reasons about "
+    "it step by step, then states the final answer. The reasoning goes between <think> and "
+    "</think>, and the answer between <answer> and </answer>, like this: <think> reasoning "
+    "</think> <answer> answer </answer>.\nUser: {prompt}\nAssistant:"
+)
+
+
+def apply_template(rows: list[dict[str, Any]], template: str, tokenizer_path: str | None = None) -> list[dict[str, Any]]:
+    """JSONL prompts -> what the model sees: as written (`none`), wrapped in the R1-Zero
+    instruction (`r1_zero`), or through the tokenizer's chat template (`chat`). The
+    original text stays in `question`."""
+    if template == "none":
+        return rows
+    if template == "r1_zero":
+        return [{**r, "question": r["prompt"], "prompt": R1_ZERO.format(prompt=r["prompt"])} for r in rows]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    if not getattr(tok, "chat_template", None):
+        raise DatasetError(f"data.template=chat: the tokenizer of {tokenizer_path} has no chat template")
+    return [{**r, "question": r["prompt"], "prompt": tok.apply_chat_template(
+        [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)} for r in rows]
+
+
+def load_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of an SFT JSONL file; a row without a non-empty string
+    `completion` raises DatasetError naming its line."""
+    pairs = []
+    with Path(path).open() as f:
+        lines = [line for line in enumerate(f, start=1) if line[1].strip()]
+    for lineno, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise DatasetError(f"{path}:{lineno}: missing or empty required field 'prompt'")
+        if not isinstance(row.get("completion"), str) or not row["completion"]:
+            raise DatasetError(f"{path}:{lineno}: missing or empty required field 'completion'")
+        pairs.append((row["prompt"], row["completion"]))
+    if not pairs:
+        raise DatasetError(f"{path}: no rows")
+    return pairs
+
+
 def rl_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    return load_jsonl(cfg.path) if cfg.path else arithmetic_rows(cfg)[1]
+    """The RL prompts: a JSONL file (templated later, once the model is known) or the
+    built-in task's RL split."""
+    return load_jsonl(cfg.path) if cfg.path else arithmetic_split(cfg)["rl"]
+
+
+def eval_rows(cfg: DataConfig, path: str | None) -> list[dict[str, Any]]:
+    """Held-out prompts: a JSONL file, or the built-in task's eval split (never trained on)."""
+    if path:
+        return load_jsonl(path)
+    if cfg.path:
+        raise DatasetError("eval.data: give a held-out JSONL file (the built-in split exists only for the built-in task)")
+    rows = arithmetic_split(cfg)["eval"]
+    if not rows:
+        raise DatasetError("data.eval_share leaves no held-out prompts")
+    return rows
 
 
 class PromptStream:

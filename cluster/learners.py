@@ -23,28 +23,58 @@ class LearnerGroup:
         return plan_step(sum(len(g.samples) for g in groups), len(self.ranks), self.cfg.learner.updates_per_step,
                          self.micro, self.accumulation)
 
-    def train(self, groups: list[Group], capture_gradients: bool = False) -> dict[str, Any]:
+    def _get(self, refs: list[Any], what: str, timeout_s: float | None) -> list[Any]:
+        """ray.get with a deadline; a rank that died or did not answer is a LearnerFault."""
+        from cluster.supervisor import LearnerFault, is_actor_gone
+
+        timeout_s = timeout_s if timeout_s is not None else self.cfg.faults.step_timeout_s
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise LearnerFault(f"learner: {what} did not finish within {timeout_s:g} s") from None
+        except ray.exceptions.RayError as e:
+            if is_actor_gone(e):
+                raise LearnerFault(f"learner: a rank died during {what} ({type(e).__name__})") from e
+            raise
+
+    def train(self, groups: list[Group], capture_gradients: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
         """One update on every rank (each reads its slices of one shared copy); the
         metrics are already reduced over all ranks."""
         plan = self.plan(groups)
         ref = ray.put(groups)
-        return ray.get([r.train_step.remote(ref, plan, capture_gradients) for r in self.ranks])[0]
+        return self._get([r.train_step.remote(ref, plan, capture_gradients) for r in self.ranks], "a train step",
+                         timeout_s)[0]
+
+    def sft(self, examples: list[tuple[list[int], list[int]]], timeout_s: float | None = None) -> dict[str, float]:
+        """One supervised step on every rank: (prompt ids, completion ids) pairs."""
+        plan = plan_step(len(examples), len(self.ranks), self.cfg.learner.updates_per_step, self.micro, self.accumulation)
+        ref = ray.put(examples)
+        return self._get([r.sft_step.remote(ref, plan) for r in self.ranks], "an SFT step", timeout_s)[0]
 
     def connect(self, generators: list[Any]) -> None:
         """Open the weight-transfer group between rank 0 and every generator's workers
         (the other ranks only join ZeRO-3's gathers). Replaces an earlier group."""
-        worlds = ray.get([g.engine_world_size.remote() for g in generators])
-        ray.get([r.connect_generators.remote(generators if i == 0 else None, worlds, self.cfg.sync)
-                 for i, r in enumerate(self.ranks)])
+        worlds = ray.get([g.engine_world_size.remote() for g in generators], timeout=self.cfg.sync.timeout_s)
+        self._get([r.connect_generators.remote(generators if i == 0 else None, worlds, self.cfg.sync)
+                   for i, r in enumerate(self.ranks)], "connecting to the generators", self.cfg.sync.timeout_s * 2)
 
-    def push(self, version: int) -> dict[str, float]:
+    def push(self, version: int, timeout_s: float | None = None) -> dict[str, float]:
         """Stream the weights to every generator, which then serve `version`."""
-        return ray.get([r.broadcast_weights.remote(version) for r in self.ranks])[0]
+        return self._get([r.broadcast_weights.remote(version) for r in self.ranks], "a weight push", timeout_s)[0]
 
     def save_hf(self, path: str) -> str:
-        return ray.get([r.save_hf.remote(path) for r in self.ranks])[0]
+        return self._get([r.save_hf.remote(path) for r in self.ranks], "saving the model", None)[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        self._get([r.save_checkpoint.remote(path) for r in self.ranks], "saving a checkpoint", None)
+
+    def load_checkpoint(self, path: str) -> None:
+        self._get([r.load_checkpoint.remote(path) for r in self.ranks], "loading a checkpoint", None)
 
     def kill(self) -> None:
         for r in self.ranks:
-            ray.kill(r)
+            try:
+                ray.kill(r, no_restart=True)
+            except Exception:  # already gone
+                pass
         ray.util.remove_placement_group(self.placement_group)

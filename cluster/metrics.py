@@ -20,6 +20,11 @@ class MetricsLog:
             self.rows = [r for r in old if r["step"] <= keep_steps]
         path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
+    def truncate(self, steps: int) -> None:
+        """Forget the rows after `steps` (they are done again after a learner restart)."""
+        self.rows = [r for r in self.rows if r["step"] <= steps]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with self.path.open("a") as f:
@@ -67,21 +72,62 @@ def summarize(rows: list[dict[str, Any]], window: int = 5) -> dict[str, Any]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Reward, accuracy and response length per step, one panel each."""
+PANELS = [
+    ("reward", ["reward_mean"]),
+    ("accuracy (sampled; eval: held-out)", ["accuracy"]),
+    ("response length (tokens)", ["response_length"]),
+    ("entropy", ["train/entropy"]),
+    ("KL to reference / sampler mismatch KL", ["train/kl", "train/mismatch_kl"]),
+    ("clip fraction / IS-masked fraction", ["train/clip_frac", "train/is_masked_frac"]),
+    ("seconds per step", []),  # stacked: waiting for the batch, train, weight sync
+    ("staleness (policy versions)", ["staleness/mean", "staleness/max"]),
+]
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` points (NaNs skipped)."""
+    out = []
+    for i in range(len(values)):
+        part = [v for v in values[max(0, i - window + 1) : i + 1] if v == v]
+        out.append(sum(part) / len(part) if part else float("nan"))
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path, evals: list[dict[str, Any]] = ()) -> None:
+    """Eight panels per step: reward, accuracy (with the held-out evaluations), length,
+    entropy, KL, clip fraction, the time split, staleness. Past 50 steps each curve is a
+    trailing mean (window steps/50, at least 5) over faint raw points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    panels = [("reward_mean", "reward"), ("accuracy", "accuracy"), ("response_length", "response length (tokens)")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (key, label) in zip(axes, panels):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", linewidth=1)
+    window = max(5, len(rows) // 50) if len(rows) > 50 else 1
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            values = [float(r.get(key, float("nan"))) for r in rows]
+            if window > 1:
+                ax.plot(steps, values, ".", ms=2, alpha=0.25)
+                ax.plot(steps, smooth(values, window), linewidth=1.2, label=f"{key} (mean of {window})")
+            else:
+                ax.plot(steps, values, marker=".", linewidth=1, label=key)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        ax.set_title(label)
         ax.grid(alpha=0.3)
+    acc = axes.flat[1]
+    for key in sorted({k for e in evals for k in e if k.startswith(("eval/pass@1", "eval/cons@"))}):
+        acc.plot([e["step"] for e in evals], [e[key] for e in evals], "s--", label=key)
+    times = axes.flat[6]
+    bottom = [0.0] * len(rows)
+    for key, color in (("time/wait_batch", "tab:blue"), ("time/train", "tab:orange"), ("time/sync", "tab:red")):
+        values = [max(float(r.get(key, 0.0)), 0.0) for r in rows]
+        times.bar(steps, values, bottom=bottom, width=1.0, color=color, label=key.split("/")[1])
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 from cluster.config import Config
-from cluster.data import arithmetic_rows
+from cluster.data import arithmetic_split
 
 # Bump when the tiny model, tokenizer, task text or cold start change meaning.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: cold start through the learner's DeepSpeed set-up; eval prompts held out
 
 
 def prepare_model(cfg: Config, log=print) -> str:
@@ -26,7 +25,7 @@ def prepare_model(cfg: Config, log=print) -> str:
             "v": RECIPE_VERSION,
             "tiny": cfg.model.tiny.model_dump(),
             "cold_start": cfg.model.cold_start.model_dump(),
-            "data": cfg.data.model_dump(include={"max_operand", "rl_share", "seed"}),
+            "data": cfg.data.model_dump(include={"max_operand", "rl_share", "eval_share", "seed"}),
         },
         sort_keys=True,
     )
@@ -35,20 +34,20 @@ def prepare_model(cfg: Config, log=print) -> str:
     if (cached / "config.json").is_file():
         log(f"model: cached tiny model {cached}")
         return str(cached.resolve())
-    from learner.sft import cold_start
+    from cluster import placement
+    from cluster.sft import SFTSettings, run_sft
     from learner.tiny_model import build_tiny_model
 
-    tmp = cached.with_name(cached.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, trained = cached.with_name(cached.name + ".init"), cached.with_name(cached.name + ".tmp")
+    for d in (tmp, trained):
+        shutil.rmtree(d, ignore_errors=True)
     build_tiny_model(tmp, cfg.model.tiny)
-    sft_rows, _ = arithmetic_rows(cfg.data)
-    steps = cfg.model.cold_start.steps
-    t0 = time.perf_counter()
-
-    def progress(step: int, loss: float) -> None:
-        if step % 100 == 0 or step == steps - 1:
-            log(f"cold start: step {step + 1}/{steps} loss {loss:.3f} ({time.perf_counter() - t0:.0f} s)")
-
-    cold_start(tmp, [(r["prompt"], r["reference"]) for r in sft_rows], cfg.model.cold_start, progress)
-    tmp.rename(cached)  # atomic: a half-built model is never picked up as cached
+    pairs = [(r["prompt"], r["reference"]) for r in arithmetic_split(cfg.data)["sft"]]
+    c = cfg.model.cold_start
+    placement.start_ray(cfg.cluster)
+    resolved = placement.resolve_resources(cfg, placement.alive_nodes())
+    log(f"cold start: {c.steps} SFT steps of {c.batch_size} on the built-in task ({len(pairs)} examples)")
+    run_sft(resolved, str(tmp), pairs, SFTSettings(c.steps, c.batch_size, c.lr, c.seed), trained, log)
+    shutil.rmtree(tmp)
+    trained.rename(cached)  # atomic: a half-built model is never picked up as cached
     return str(cached.resolve())

@@ -9,8 +9,10 @@ GPU clusters.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,7 +24,7 @@ from cluster.learners import LearnerGroup
 from learner.learner import Learner
 from rewards.worker import RewardWorker
 from rollout.generator import ENGINE_ENV, Generator
-from rollout.host import CPU_SET_ENV
+from rollout.host import CPU_SET_ENV, LOG_FILE_ENV
 
 GENERATOR_CONCURRENCY = 8
 """Calls a generator actor serves at once (collect long-polls, submissions, weight
@@ -33,22 +35,39 @@ class PlacementError(RuntimeError):
     """The job cannot be placed on this cluster, or an actor did not come up."""
 
 
-def start_ray(cfg: ClusterConfig) -> None:
+_log_dir: Path | None = None
+
+
+def set_log_dir(path: Path | None) -> None:
+    """Actors created from now on write what they print to <path>/<actor>.log (None:
+    to Ray's own logs, streamed to the console when Ray was started verbose)."""
+    global _log_dir
+    _log_dir = path
+
+
+def log_env(name: str) -> dict[str, str]:
+    return {LOG_FILE_ENV: str((_log_dir / f"{name}.log").resolve())} if _log_dir is not None else {}
+
+
+def start_ray(cfg: ClusterConfig, verbose: bool = False) -> None:
     """Join `cfg.address`, the cluster a `ray job submit` entrypoint runs in
-    (RAY_ADDRESS), or start a local Ray."""
+    (RAY_ADDRESS), or start a local Ray. Not verbose: actors' output stays out of the
+    console (their errors still reach it, raised where they are called)."""
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=level)
     else:
         ray.init(
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
             runtime_env=runtime_env,
-            log_to_driver=True,
-            configure_logging=False,
+            log_to_driver=verbose,
+            logging_level=level,
+            configure_logging=verbose,
         )
 
 
@@ -67,11 +86,14 @@ def resolve_resources(cfg: Config, nodes: list[dict[str, float]]) -> Config:
     actor. Threads per actor: its share, rounded down, at least 1."""
     c = cfg.cluster.model_copy()
     cpus = sum(n.get("CPU", 0.0) for n in nodes)
-    gpu_job = bool(c.generator_gpus or c.learner_gpus)
+    # GPUs, several nodes or roles pinned to node pools: shares of the whole would not say
+    # where they fit, so each generator and learner rank asks for one CPU (check_fits tells).
+    gpu_job = bool(c.generator_gpus or c.learner_gpus or len(nodes) > 1 or c.generator_resources
+                   or c.learner_resources or c.reward_resources)
     heavy = cfg.rollout.num_generators + cfg.learner.num_ranks
     if c.reward_cpus is None:  # 0.1 each, less (down to 0) where that would cost the others a whole core
         spare = max(cpus - heavy, 0.0) / cfg.rewards.num_workers
-        c.reward_cpus = 1.0 if gpu_job else int(min(REWARD_CPUS, spare) * 100) / 100
+        c.reward_cpus = REWARD_CPUS if gpu_job else int(min(REWARD_CPUS, spare) * 100) / 100
     fixed = c.reward_cpus * cfg.rewards.num_workers
     fixed += (c.generator_cpus or 0.0) * cfg.rollout.num_generators + (c.learner_cpus or 0.0) * cfg.learner.num_ranks
     auto = (c.generator_cpus is None) * cfg.rollout.num_generators + (c.learner_cpus is None) * cfg.learner.num_ranks
@@ -121,15 +143,20 @@ class Role:
 
 
 def demand(cfg: Config) -> list[Role]:
-    """What the job asks of the cluster, per actor, by role."""
+    """What the job asks of the cluster, per actor, by role: CPUs, GPUs and the role's
+    custom resources. A tensor-parallel generator asks for all its GPU bundles on one node."""
     c = cfg.cluster
+    tp = cfg.rollout.tensor_parallel_size
 
-    def res(cpus: float, gpus: float) -> dict[str, float]:
-        return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+    def res(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", cpus), ("GPU", gpus), *custom.items()) if v}
 
-    return [Role("generator", cfg.rollout.num_generators, res(c.generator_cpus, c.generator_gpus)),
-            Role("reward worker", cfg.rewards.num_workers, res(c.reward_cpus, 0)),
-            Role("learner rank", cfg.learner.num_ranks, res(c.learner_cpus, c.learner_gpus))]
+    gen = res(c.generator_cpus, c.generator_gpus, c.generator_resources) if tp == 1 else \
+        res(c.generator_cpus + tp * c.bundle_cpus, tp * (c.generator_gpus or 1.0),
+            {k: tp * v for k, v in c.generator_resources.items()})
+    return [Role("generator", cfg.rollout.num_generators, gen),
+            Role("reward worker", cfg.rewards.num_workers, res(c.reward_cpus, 0, c.reward_resources)),
+            Role("learner rank", cfg.learner.num_ranks, res(c.learner_cpus, c.learner_gpus, c.learner_resources))]
 
 
 def check_fits(roles: list[Role], nodes: list[dict[str, float]]) -> None:
@@ -158,52 +185,79 @@ def generator_options(cfg: Config, index: int = 0) -> dict[str, Any]:
     cores = core_sets(cfg, alive_nodes()).get(f"generator {index}")
     env = {**ENGINE_ENV, **thread_env(cfg.cluster.generator_threads, cores)}
     env.update({k: os.environ[k] for k in env if k in os.environ})
+    env.update(log_env(f"generator-{index}"))
     return {"num_cpus": cfg.cluster.generator_cpus, "num_gpus": cfg.cluster.generator_gpus,
+            "resources": dict(cfg.cluster.generator_resources) or None,
             "runtime_env": {"env_vars": env}, "max_concurrency": GENERATOR_CONCURRENCY}
 
 
+_tp_groups: dict[int, Any] = {}  # generator index -> its placement group (tensor parallel)
+
+
 def make_generator(model_path: str, cfg: Config, index: int, version: int = 0) -> Any:
-    return ray.remote(Generator).options(**generator_options(cfg, index)).remote(model_path, cfg.rollout, index, version)
+    """A generator actor. With rollout.tensor_parallel_size > 1 (GPUs) it gets a placement
+    group of its own, TP GPU bundles on one node (STRICT_PACK); vLLM's Ray executor puts
+    its TP workers on those bundles (VLLM_RAY_BUNDLE_INDICES), the actor itself needs none.
+    Not run on this project's CPU machines."""
+    options = generator_options(cfg, index)
+    tp = cfg.rollout.tensor_parallel_size
+    if tp > 1:
+        if index in _tp_groups:  # a replacement: the old engine's group goes first
+            ray.util.remove_placement_group(_tp_groups.pop(index))
+        bundle = {"GPU": cfg.cluster.generator_gpus or 1.0, "CPU": cfg.cluster.bundle_cpus,
+                  **cfg.cluster.generator_resources}
+        pg = _tp_groups[index] = placement_group([bundle] * tp, strategy="STRICT_PACK")
+        try:
+            ray.get(pg.ready(), timeout=cfg.cluster.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise PlacementError(f"generator {index}: no node has {tp} bundles of {bundle} free") from None
+        options.update(num_gpus=0, resources=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True))
+        options["runtime_env"]["env_vars"]["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, range(tp)))
+    return ray.remote(Generator).options(**options).remote(model_path, cfg.rollout, index, version)
 
 
 def make_generators(model_path: str, cfg: Config, version: int = 0) -> list[Any]:
     return [make_generator(model_path, cfg, i, version) for i in range(cfg.rollout.num_generators)]
 
 
+def make_reward_worker(cfg: Config, index: int) -> Any:
+    return ray.remote(RewardWorker).options(
+        num_cpus=cfg.cluster.reward_cpus, resources=dict(cfg.cluster.reward_resources) or None,
+        runtime_env={"env_vars": log_env(f"reward-worker-{index}")}).remote(cfg.rewards, index)
+
+
 def make_reward_workers(cfg: Config) -> list[Any]:
-    actor = ray.remote(RewardWorker)
-    return [
-        actor.options(num_cpus=cfg.cluster.reward_cpus).remote(cfg.rewards, i)
-        for i in range(cfg.rewards.num_workers)
-    ]
+    return [make_reward_worker(cfg, i) for i in range(cfg.rewards.num_workers)]
 
 
 @ray.remote
 def _address_and_port(local: bool) -> tuple[str, int]:
-    from vllm.utils.network_utils import get_ip, get_open_port
+    from vllm.utils.network_utils import get_open_port
 
-    return ("127.0.0.1" if local else get_ip()), get_open_port()
+    return ("127.0.0.1" if local else ray.util.get_node_ip_address()), get_open_port()
 
 
 def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tuple[list[Any], Any]:
     """All learner ranks in one PACK placement group; rank 0 hosts the rendezvous.
     -> (rank actors, the placement group: remove it to free their resources)."""
     n = cfg.learner.num_ranks
-    bundle = {"CPU": cfg.cluster.learner_cpus}
+    bundle = {"CPU": cfg.cluster.learner_cpus, **cfg.cluster.learner_resources}
     if cfg.cluster.learner_gpus:
         bundle["GPU"] = cfg.cluster.learner_gpus
-    pg = placement_group([bundle] * n, strategy="PACK")
+    pg = placement_group([bundle] * n, strategy="PACK")  # on as few nodes as fit, spread when they do not
     try:
         ray.get(pg.ready(), timeout=cfg.cluster.start_timeout_s)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(pg)
         raise PlacementError(f"the cluster cannot place {n} learner rank(s) of {bundle} (PACK) "
                              f"within cluster.start_timeout_s={cfg.cluster.start_timeout_s:g} s") from None
-    # Rank 0 hosts the DeepSpeed rendezvous: take an address and port on its node.
+    # Rank 0 hosts the DeepSpeed rendezvous: take an address and port on its node
+    # (loopback only for a single rank on a single-node cluster).
     master_addr, master_port = ray.get(
         _address_and_port.options(
             num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        ).remote(n == 1)
+        ).remote(n == 1 and len(alive_nodes()) == 1)
     )
     actor = ray.remote(Learner)
     dist_backend = "nccl" if cfg.cluster.learner_gpus else "gloo"
@@ -213,10 +267,12 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tupl
             num_cpus=cfg.cluster.learner_cpus,
             num_gpus=cfg.cluster.learner_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": thread_env(cfg.cluster.learner_threads, cores.get(f"learner {rank}"))},
+            runtime_env={"env_vars": {**thread_env(cfg.cluster.learner_threads, cores.get(f"learner {rank}")),
+                                      **log_env(f"learner-{rank}")}},
         ).remote(
             model_path, cfg.learner, rank, n, master_addr, master_port,
             sequences_per_step, cfg.run.steps, cfg.rollout.temperature, cfg.rollout.max_tokens, dist_backend,
+            cfg.faults.step_timeout_s,
         )
         for rank in range(n)
     ]

@@ -53,20 +53,17 @@ class WeightBroadcaster:
         self._pack_buffers: list[torch.Tensor | None] = [None, None]
 
     def connect(self, world_size: int) -> None:
-        """Rendezvous with every generator worker (both sides must join at once)."""
+        """Rendezvous with every generator worker (both sides must join at once), on this
+        node's address (or sync.master_address), never a loopback others cannot reach."""
+        import ray
         from vllm.utils.network_utils import get_open_port
 
-        port = get_open_port()
-        init_info = {
-            "master_address": self.cfg.master_address,
-            "master_port": port,
-            "backend": self.cfg.backend,
-            "timeout_s": self.cfg.timeout_s,
-        }
+        host = self.cfg.master_address or ray.util.get_node_ip_address()
+        port = self.cfg.master_port or get_open_port()
+        init_info = {"master_address": host, "master_port": port, "backend": self.cfg.backend,
+                     "timeout_s": self.cfg.timeout_s}
         pending = self._pool.submit(self.client.init_weight_transfer_engine, init_info)
-        self.group = open_group(
-            self.cfg.master_address, port, 0, world_size, self.cfg.backend, self.cfg.timeout_s
-        )
+        self.group = open_group(host, port, 0, world_size, self.cfg.backend, self.cfg.timeout_s)
         pending.result(timeout=self.cfg.timeout_s)
 
     @torch.no_grad()

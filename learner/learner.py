@@ -24,8 +24,8 @@ from learner.batch import Micro, Sequence, build_micro, counts, dummy_micro, fla
 from learner.config import LearnerConfig
 from learner.schedule import StepPlan, micro_and_accumulation
 from rollout.config import WeightSyncConfig
-from rollout.host import node_id, pin_from_env
-from rollout.types import Group, check_scored
+from rollout.host import node_id, pin_from_env, redirect_output_from_env
+from rollout.types import Group, Sample, check_scored
 
 _SUMS = ("loss", "kl", "clip_frac", "entropy", "sampler_logprob_diff", "mismatch_kl", "is_weight", "is_masked",
          "tokens", "nonfinite_losses")
@@ -97,7 +97,9 @@ class Learner:
         temperature: float,
         max_tokens: int,
         dist_backend: str = "gloo",
+        collective_timeout_s: float = 1800.0,
     ) -> None:
+        redirect_output_from_env()
         self.cores = pin_from_env()
         os.environ.update(
             RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
@@ -116,7 +118,10 @@ class Learner:
         self.advantage = algos.lookup(algos.ADVANTAGES, cfg.advantage, "advantage estimator")
         self.is_correction = algos.lookup(algos.IS_CORRECTIONS, cfg.is_correction, "IS correction")
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
-        deepspeed.init_distributed(dist_backend=dist_backend)
+        from datetime import timedelta
+
+        # Every collective of the group has a deadline: a rank that died does not hang the others forever.
+        deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=collective_timeout_s))
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.micro, self.accumulation = micro_and_accumulation(sequences_per_step, world_size, cfg.updates_per_step,
                                                                cfg.micro_batch_size)
@@ -208,6 +213,30 @@ class Learner:
             metrics["gradients"] = captured
         return metrics
 
+    def sft_step(self, examples: list[tuple[list[int], list[int]]], plan: StepPlan) -> dict[str, float]:
+        """Supervised fine-tuning (a cold start, distillation): examples are (prompt ids,
+        completion ids with EOS); the loss is the completion tokens' negative
+        log-likelihood, a token mean over the whole batch. Same schedule, same
+        DeepSpeed engine, same guarded optimizer as the RL step."""
+        t0 = time.perf_counter()
+        seqs = [Sequence(p, Sample(c, [0.0] * len(c), "", "stop", [(0, 0)]), 0.0) for p, c in examples]
+        if len(seqs) != plan.num_sequences or plan.world != self.world_size or plan.accumulation != self.accumulation:
+            raise ValueError(f"learner rank {self.rank}: the SFT plan does not match this batch or learner")
+        total, skipped_before = 0.0, self._skipped()
+        for u in plan.updates:
+            tokens = max(counts(seqs[u.start : u.stop], False)[0], 1.0)
+            for lo, hi in u.micro[self.rank]:
+                micro = self._micro(seqs, lo, hi)
+                logp, _ = self._logprobs(self.engine.module, micro)
+                loss = -(logp * micro.loss_mask).sum() / tokens
+                total += float(loss.detach())
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                self.engine.step()
+        self.steps_done += 1
+        [total] = self._global_sum([total])
+        return {"sft/loss": total / len(plan.updates), "sft/skipped_updates": float(self._skipped() - skipped_before),
+                "sft/lr": float(self.engine.get_lr()[0]), "sft/seconds": time.perf_counter() - t0}
+
     def _skipped(self) -> int:
         """Optimizer steps skipped for non-finite gradients (ours and DeepSpeed's own)."""
         return self.optimizer.skipped + int(getattr(self.engine, "skipped_steps", 0))
@@ -291,7 +320,7 @@ class Learner:
         if generators is None:
             self.broadcaster = WeightBroadcaster(self.engine.module, sync, None)
             return
-        client = GeneratorsClient(generators, engine_world_sizes)
+        client = GeneratorsClient(generators, engine_world_sizes, sync.timeout_s)
         self.broadcaster = WeightBroadcaster(self.engine.module, sync, client)
         self.broadcaster.connect(client.world_size)
 

@@ -20,6 +20,9 @@ from rewards import budget
 from rewards.api import resolve, run_one
 from rewards.protocol import ProtocolError, check_request, read_frame, write_frame
 
+CLASSES = "grpo:answer_classes"
+"""A request for answer equivalence classes (fields: verifier, answers), not a verifier."""
+
 
 def answer(verifiers: dict, request: dict) -> dict:
     try:
@@ -27,6 +30,16 @@ def answer(verifiers: dict, request: dict) -> dict:
     except ProtocolError as e:
         return {"id": request.get("id"), "score": 0.0, "info": {}, "error": f"protocol: {e}"}
     name = request["verifier"]
+    if name == CLASSES:
+        from rewards.verifiers import answer_classes
+
+        fields = request.get("fields") or {}
+        budget.start(request.get("timeout_s"))
+        try:
+            classes = [answer_classes(fields["verifier"], answers) for answers in fields["answers"]]
+        except Exception as e:
+            return {"id": request["id"], "score": 0.0, "info": {}, "error": f"answer classes: {e!r}"[:2000]}
+        return {"id": request["id"], "score": 0.0, "info": {"classes": classes}, "error": None}
     if name not in verifiers:
         return {"id": request["id"], "score": 0.0, "info": {}, "error": f"unknown verifier {name!r}"}
     fn, args = verifiers[name]

@@ -85,15 +85,15 @@ def format_reward(completion: str, fields: dict) -> float:
 
 
 @register("accuracy")
-def accuracy_reward(completion: str, fields: dict) -> float:
+def accuracy_reward(completion: str, fields: dict) -> Score:
     answer = extract_answer(completion)
     if not answer:
-        return 0.0
+        return Score(0.0, {"extracted": answer})
     expected = str(fields["answer"]).strip()
     a, b = _number(answer), _number(expected)
     if a is not None and b is not None:
-        return float(a == b)
-    return float(answer == expected)
+        return Score(float(a == b), {"extracted": answer})
+    return Score(float(answer == expected), {"extracted": answer})
 
 
 def _math_parse(text: str):
@@ -118,8 +118,8 @@ def math_reward(completion: str, fields: dict) -> Score:
     if not gold:
         raise ValueError(f"the row's answer {fields['answer']!r} could not be parsed")
     if not pred:
-        return Score(0.0, {"reason": "unparsable answer"})
-    return Score(float(verify(gold, pred)), {"parsed": str(pred[0])[:200]})
+        return Score(0.0, {"reason": "unparsable answer", "extracted": answer})
+    return Score(float(verify(gold, pred)), {"parsed": str(pred[0])[:200], "extracted": answer})
 
 
 _COUNTDOWN_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
@@ -170,6 +170,43 @@ def code_reward(completion: str, fields: dict, **limits) -> Score:
         return Score(0.0, {"reason": "no python block"})
     passed, info = run_tests(program, fields["tests"], **limits)
     return Score(passed / max(len(fields["tests"]), 1), info)
+
+
+# ------------------------------------------------------- answer equivalence
+def answer_classes(verifier: str, answers: list[str | None]) -> list[int | None]:
+    """Group extracted answers by the verifier's own notion of equality, for majority
+    votes: each answer -> the index of the first answer equal to it (None: no answer).
+    `accuracy` compares numbers as exact rationals (2 = 2.0 = 4/2), `math` with
+    math-verify (1/2 = 0.5 = \\frac{1}{2}), anything else as stripped text. Runs inside
+    a verifier process (math-verify may hang on model-written input)."""
+    reps: list[tuple[int, Any]] = []  # (class, key or parsed form)
+    out: list[int | None] = []
+    for i, answer in enumerate(answers):
+        if not answer:
+            out.append(None)
+            continue
+        key = _class_key(verifier, answer)
+        found = next((c for c, other in reps if _same(verifier, key, other)), None)
+        if found is None:
+            found = i
+            reps.append((i, key))
+        out.append(found)
+    return out
+
+
+def _class_key(verifier: str, answer: str) -> Any:
+    if verifier == "math":
+        return _math_parse(answer)
+    number = _number(answer)
+    return number if number is not None else answer.strip()
+
+
+def _same(verifier: str, a: Any, b: Any) -> bool:
+    if verifier == "math":
+        from math_verify import verify
+
+        return bool(a) and bool(b) and bool(verify(a, b))
+    return a == b
 
 
 # --------------------------------------------------------------------- shaping

@@ -21,7 +21,7 @@ from typing import Any
 
 from rewards.config import RewardConfig
 from rewards.peer import ProcessPeer, SocketPeer, _Peer
-from rollout.host import node_id
+from rollout.host import node_id, redirect_output_from_env
 from rollout.types import Group
 
 
@@ -31,6 +31,7 @@ def child_argv(specs: dict[str, dict[str, Any]]) -> list[str]:
 
 class RewardWorker:
     def __init__(self, cfg: RewardConfig, index: int = 0) -> None:
+        redirect_output_from_env()
         self.cfg, self.index = cfg, index
         specs = {name: cfg.spec(name) for name in cfg.verifiers}
         self.weights = {name: spec.weight for name, spec in specs.items()}
@@ -104,6 +105,20 @@ class RewardWorker:
                               for stat, kind in (("timeouts", "timeout"), ("errors", "error"), ("cache_hits", "cached"))}
             g.rewards = [sum(self.weights[n] * g.reward_parts[n][i] for n in self.weights) for i in range(len(g.samples))]
         return groups
+
+    def answer_classes(self, verifier: str, answers: list[list[str | None]]) -> list[list[int | None]]:
+        """Equivalence classes of each prompt's extracted answers under `verifier`'s notion
+        of equality (rewards.verifiers.answer_classes), computed in a verifier process."""
+        from rewards.child import CLASSES
+
+        peer = next((p for p, _ in self.slots[0].values() if isinstance(p, ProcessPeer) and p.handshake), None)
+        if peer is None:
+            raise ValueError("answer classes need one built-in verifier in rewards.verifiers")
+        result = peer.call(CLASSES, "", {"verifier": verifier, "answers": answers},
+                           self.cfg.timeout_s * max(1, len(answers)))
+        if result["error"]:
+            raise RuntimeError(f"reward worker {self.index}: {result['error']}")
+        return result["info"]["classes"]
 
     def _unique_peers(self) -> list[_Peer]:
         return list({id(p): p for slot in self.slots for p, _ in slot.values()}.values())

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+ENGINE_NAME = "grpo_collective"
+"""The weight-transfer backend name our vLLM engines register (rollout/weight_sync.py)."""
+
 
 @dataclass(frozen=True)
 class TensorMeta:

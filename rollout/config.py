@@ -62,7 +62,13 @@ class WeightSyncConfig(Section):
     bucket_mb: float = Field(64.0, gt=0.0)
     """Tensors are packed into flat buffers of at most this size (a larger tensor
     travels alone); one broadcast per bucket."""
-    master_address: str = "127.0.0.1"
-    """Address the learner's rank-0 listens on for the rendezvous (reachable by every node)."""
-    timeout_s: float = Field(300.0, gt=0.0)
-    """Timeout of the group's rendezvous and of each sync."""
+    master_address: str | None = None
+    """Address the learner's rank 0 listens on for the rendezvous; None: the address of the
+    node it runs on, as Ray knows it (reachable by the other nodes). Set it only for an
+    unusual network (another interface than Ray's)."""
+    master_port: int | None = Field(None, ge=1, le=65535)
+    """Port of that rendezvous; None: a free port found at run time (open the range
+    between nodes, or fix it here for a firewall)."""
+    timeout_s: float = Field(60.0, gt=0.0)
+    """Deadline of the group's rendezvous, of every collective (each bucket's broadcast)
+    and of every generator call during a sync: a hung sync is handled like a dead generator."""

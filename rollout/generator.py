@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rollout.config import RolloutConfig
-from rollout.host import node_id, pin_from_env
+from rollout.host import node_id, pin_from_env, redirect_output_from_env
 from rollout.types import Group, Sample
-from rollout.weight_sync import ENGINE_NAME
+from rollout.buckets import ENGINE_NAME
 
 # Set before vLLM is imported (the actor's runtime_env sets them too).
 ENGINE_ENV = {
@@ -60,6 +60,9 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[s
         # generator, which CPU generators cannot do ("CPU Generator does not use
         # offset"); re-prefills after a partial-rollout update are long enough to split.
         enable_chunked_prefill=not _cpu_platform(),
+        # Tensor parallel inside a Ray actor: vLLM's Ray executor, on the placement group
+        # the actor was scheduled in (cluster/placement.py).
+        distributed_executor_backend="ray" if cfg.tensor_parallel_size > 1 else None,
     )
 
 
@@ -116,6 +119,7 @@ class GeneratorError(RuntimeError):
 
 class Generator:
     def __init__(self, model_path: str, cfg: RolloutConfig, index: int = 0, version: int = 0) -> None:
+        redirect_output_from_env()
         self.cores = pin_from_env()
         self.cfg = cfg
         self.index = index
@@ -133,6 +137,7 @@ class Generator:
         self._updating = False  # GPU: between start_ and finish_weight_update, no engine steps
         self._hold = False  # no new requests until the update lands (not partial)
         self._off_loop = _receives_off_loop()
+        self.sync_peer: str | None = None  # the learner's rendezvous address:port, once connected
         self._paused_at = 0.0
         self._closed = False
         self._error: BaseException | None = None
@@ -270,6 +275,8 @@ class Generator:
         Finished groups are picked up with `collect`. -> samples now queued or in flight."""
         with self._cv:
             self._check()
+            if not self._load():  # idle until now: the stall clock starts with this work
+                self._last_step = time.monotonic()
             self._pending += [_Job(key, row, list(seeds), sampling, None) for key, row, seeds in jobs]
             self._cv.notify_all()
             return self._load()
@@ -320,7 +327,8 @@ class Generator:
         return sum(len(j.seeds) for j in self._pending) + len(self._requests)
 
     def health(self) -> dict[str, Any]:
-        """Cheap probe (never waits on the engine): version, load and the age of the last engine step."""
+        """Cheap probe (never waits on the engine): version, load, and the seconds since
+        the engine last made progress (a step, or work arriving while idle)."""
         with self._cv:
             return {"index": self.index, "version": self.version, "load": self._load(), "steps": self._steps,
                     "seconds_since_step": time.monotonic() - self._last_step, "updating": self._updating,
@@ -338,7 +346,7 @@ class Generator:
 
     def ready(self) -> dict[str, Any]:
         return {"index": self.index, "init_seconds": self.init_seconds, "version": self.version,
-                "node_id": node_id(), "pid": os.getpid(), "cores": self.cores}
+                "node_id": node_id(), "pid": os.getpid(), "cores": self.cores, "sync_peer": self.sync_peer}
 
     def close(self) -> None:
         with self._cv:
@@ -352,6 +360,7 @@ class Generator:
     # engine keeps sampling, and only the load pauses it (sync/pause); on GPUs the
     # engine pauses from start to finish while buckets stream in and load.
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.sync_peer = f"{init_info['master_address']}:{init_info['master_port']}"
         self._run(lambda: self.llm.init_weight_transfer_engine({"init_info": init_info}))
 
     def start_weight_update(self) -> None:

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from rollout.buckets import TensorMeta, plan_buckets, unpack
+from rollout.buckets import ENGINE_NAME, TensorMeta, plan_buckets, unpack
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-ENGINE_NAME = "grpo_collective"
 
 
 def open_group(

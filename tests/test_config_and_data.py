@@ -133,7 +133,7 @@ def test_arithmetic_split_is_seeded_and_disjoint():
     row = next(r for r in rl)
     a, b = map(int, row["prompt"][:-1].split("+"))
     assert row["answer"] == str(a + b)
-    assert accuracy_reward(row["reference"], row) == 1.0 and format_reward(row["reference"], row) == 1.0
+    assert accuracy_reward(row["reference"], row).value == 1.0 and format_reward(row["reference"], row) == 1.0
 
 
 def test_prompt_stream_resumes_at_its_cursor():
@@ -150,12 +150,12 @@ def test_verifiers():
     row = {"answer": "19"}
     good = reference_completion(12, 7)
     assert good == "<think>2+7=9</think><answer>19</answer>"
-    assert format_reward(good, row) == 1.0 and accuracy_reward(good, row) == 1.0
+    assert format_reward(good, row) == 1.0 and accuracy_reward(good, row).value == 1.0
     # the right answer inside <think> does not count; the answer tag is wrong
-    assert accuracy_reward("<think><answer>19</answer></think><answer>18</answer>", row) == 0.0
+    assert accuracy_reward("<think><answer>19</answer></think><answer>18</answer>", row).value == 0.0
     assert extract_answer("<answer>1</answer> <answer> 2 </answer>") == "2"
-    assert accuracy_reward("<think>x</think><answer>19.0</answer>", row) == 1.0
-    assert accuracy_reward("<think>x</think><answer></answer>", row) == 0.0
+    assert accuracy_reward("<think>x</think><answer>19.0</answer>", row).value == 1.0
+    assert accuracy_reward("<think>x</think><answer></answer>", row).value == 0.0
     for bad in ["<answer>19</answer>", "<think>a</think>", "<think>a</think><answer>1</answer><answer>2</answer>",
                 "<answer>1</answer><think>a</think>", "<think><think>a</think></think><answer>1</answer>",
                 "x<think>a</think><answer>1</answer>", "<think>a</think><answer>1"]:

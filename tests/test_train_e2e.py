@@ -81,15 +81,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_head(tmp_path, num_cpus=2, resources=None):
+def start_head(tmp_path, num_cpus=2, resources=None, node_ip="127.0.0.1"):
     """A Ray head of our own (own ports and temp dir, in its own session, so that only it
-    is stopped afterwards) with a dashboard for `ray job submit`. -> (process, dashboard port)."""
+    is stopped afterwards) with a dashboard for `ray job submit`. -> (process, dashboard
+    port, GCS address)."""
     import time
     import urllib.request
 
     gcs, dash = _free_port(), _free_port()
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
-           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+           f"--node-ip-address={node_ip}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
            f"--temp-dir={tempfile.mkdtemp(prefix='ray-', dir='/tmp')}",  # short: socket paths have a length limit
            f"--ray-client-server-port={_free_port()}"]
@@ -101,29 +102,54 @@ def start_head(tmp_path, num_cpus=2, resources=None):
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-            return head, dash
+            return head, dash, f"{node_ip}:{gcs}"
         except OSError:
             assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(0.5)
 
 
-def test_ray_job_submit_runs_the_same_entrypoint(runs_dir, tmp_path):
-    out_dir = runs_dir
+def test_ray_job_submit_survives_a_lost_generator_and_a_resubmission_resumes(runs_dir, tmp_path):
+    """Under `ray job submit`: a generator SIGKILLed mid-step is replaced inside the job;
+    then the job's driver is stopped (`ray job stop`), and resubmitting the same command
+    with `--resume RUN_DIR` continues from the last checkpoint."""
+    import signal
+    import time
+
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head, dash = start_head(tmp_path)
+    head, dash, _ = start_head(tmp_path)
+    address = f"--address=http://127.0.0.1:{dash}"
+    run_dir = runs_dir / "job"
     try:
-        entrypoint = " ".join([sys.executable, "-m", "cluster.cli", "train", *SHORT_RUN, "run.name=job",
-                               f"run.output_dir={out_dir}"])
-        proc = subprocess.run(
-            [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--", *entrypoint.split()],
-            capture_output=True, text=True, env=env, timeout=600,
-        )
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        assert "succeeded" in proc.stdout
-        assert "summary: 3 steps" in proc.stdout
-        rows = read_metrics(out_dir / "job")
-        assert [r["policy_version"] for r in rows] == [0, 1, 2]
-        assert (out_dir / "job" / "final" / "model.safetensors").is_file()
+        entry = [sys.executable, "-m", "cluster.cli", "train", *SHORT_RUN, "run.steps=8", "run.checkpoint_every=2",
+                 "run.name=job", f"run.output_dir={runs_dir}"]
+        first = subprocess.Popen([ray_cli, "job", "submit", address, "--submission-id=grpo-job-1", "--", *entry],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 600
+
+        def wait_steps(k):
+            while not ((run_dir / "metrics.jsonl").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= k):
+                assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+                time.sleep(0.1)
+
+        wait_steps(1)
+        os.kill(json.loads((run_dir / "actors.json").read_text())["generator 0"]["pid"], signal.SIGKILL)
+        while not (run_dir / "checkpoints" / "step-4" / "run_state.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+            time.sleep(0.1)
+        subprocess.run([ray_cli, "job", "stop", address, "grpo-job-1"], env=env, capture_output=True, timeout=120)
+        first.wait(timeout=120)
+        assert not (run_dir / "final").exists()
+        rows = read_metrics(run_dir)
+        assert sum(r["faults/generator_restarts"] for r in rows) == 1  # replaced inside the job
+
+        resumed = subprocess.run([ray_cli, "job", "submit", address, "--", sys.executable, "-m", "cluster.cli", "train",
+                                  "--resume", str(run_dir)], capture_output=True, text=True, env=env, timeout=600)
+        assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+        assert "succeeded" in resumed.stdout and "resumed from" in resumed.stdout
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows] == list(range(1, 9))
+        assert [r["policy_version"] for r in rows] == list(range(8))
+        assert (run_dir / "final" / "model.safetensors").is_file()
     finally:
         kill_session(head.pid)

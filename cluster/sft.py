@@ -1,0 +1,72 @@
+"""Supervised fine-tuning through the learner's own DeepSpeed set-up (ranks, ZeRO
+stage, the guarded optimizer, the one schedule for all ranks): the default job's cold
+start, `grpo sft`, and the student's stage of `grpo distill`. Not a second training
+loop: a step is `LearnerGroup.sft`, the loss is the completion tokens' NLL."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cluster import placement
+from cluster.config import Config
+
+
+@dataclass
+class SFTSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+
+
+def tokenize(model_path: str, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, completion) texts -> (prompt ids, completion ids + EOS), as generation sees them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"{model_path}: the tokenizer has no EOS token to end completions with")
+    out = []
+    for i, (prompt, completion) in enumerate(pairs):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if not p or len(c) < 2:
+            raise ValueError(f"SFT example {i}: empty prompt or completion")
+        out.append((p, c))
+    return out
+
+
+def sft_config(cfg: Config, settings: SFTSettings) -> Config:
+    """The learner config of an SFT run: the job's learner (ranks, ZeRO stage, dtype) at
+    the SFT learning rate, constant, without KL or off-policy correction."""
+    learner = cfg.learner.model_copy(update=dict(
+        lr=settings.lr, lr_schedule="constant", warmup_steps=0, kl_coef=0.0, updates_per_step=1, seed=settings.seed,
+        micro_batch_size=min(cfg.learner.micro_batch_size, settings.batch_size)))
+    run = cfg.run.model_copy(update=dict(prompts_per_step=settings.batch_size, steps=settings.steps))
+    return cfg.model_copy(update=dict(learner=learner, run=run, rollout=cfg.rollout.model_copy(update=dict(n=1))))
+
+
+def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, str]], settings: SFTSettings, out_dir: Path,
+            log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train model_path on (prompt, completion) pairs, batches drawn with the seed; save
+    the result as an HF model directory at out_dir. -> first and last losses, seconds."""
+    examples = tokenize(model_path, pairs)
+    sft_cfg = sft_config(cfg, settings)
+    group = placement.make_learner_group(model_path, sft_cfg)
+    try:
+        placement.wait_ready({f"learner rank {i}": r for i, r in enumerate(group.ranks)}, cfg.cluster.start_timeout_s)
+        rng = random.Random(settings.seed)
+        t0, losses = time.perf_counter(), []
+        for step in range(settings.steps):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
+            losses.append(group.sft(batch)["sft/loss"])
+            if step % 100 == 0 or step == settings.steps - 1:
+                log(f"sft: step {step + 1}/{settings.steps} loss {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
+        group.save_hf(str(Path(out_dir).resolve()))
+    finally:
+        group.kill()
+    return {"loss_first": losses[0], "loss_last": losses[-1], "steps": settings.steps,
+            "seconds": time.perf_counter() - t0, "losses": losses}

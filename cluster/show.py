@@ -1,0 +1,33 @@
+"""Samples, laid out for a terminal: the prompt, the completion with its <think> and
+<answer> parts set apart (and coloured on a terminal), each verifier's score, the
+advantage."""
+from __future__ import annotations
+
+import re
+import textwrap
+from typing import Any
+
+_TAG = re.compile(r"(</?think>|</?answer>)")
+_COLORS = {"<think>": "\033[2m", "</think>": "\033[0m", "<answer>": "\033[1;32m", "</answer>": "\033[0m"}
+
+
+def highlight(text: str, color: bool) -> str:
+    if not color:
+        return text
+    return _TAG.sub(lambda m: (_COLORS[m.group(1)] + m.group(1) if m.group(1).startswith("<") and "/" not in m.group(1)
+                               else m.group(1) + _COLORS[m.group(1)]), text)
+
+
+def show_sample(s: dict[str, Any], color: bool = False) -> str:
+    scores = ", ".join(f"{name} {value:g}" for name, value in s["scores"].items())
+    versions = "+".join(f"v{v}" for v, _ in s["versions"])
+    state = "trained" if s["trained"] else f"dropped ({s['dropped']})"
+    head = (f"step {s['step']} · prompt {s['key']} · sample {s['index'] + 1}/{s['n']} · reward {s['reward']:.3f} "
+            f"({scores}) · advantage {s['advantage']:+.3f} · {s['finish_reason']} · {len(s['token_ids'])} tokens · "
+            f"{versions} · {state}")
+    width = 100
+    body = textwrap.fill(s["text"], width, initial_indent="  ", subsequent_indent="  ", replace_whitespace=False)
+    errors = [f"  ! {name}: {info['error']}" for name, info in s["info"].items() if isinstance(info, dict) and info.get("error")]
+    rule = "─" * min(width, len(head))
+    return "\n".join([rule, head, "prompt:", textwrap.indent(s["prompt"], "  "), "completion:", highlight(body, color),
+                      *errors])

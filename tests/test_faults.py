@@ -1,0 +1,117 @@
+"""Chaos on short real runs: SIGKILL a generator mid-step, SIGKILL a reward worker,
+SIGSTOP a generator (a hang), SIGKILL a learner rank (2 ranks, ZeRO-2). Every run
+finishes all its steps and exits 0, loses no prompt to a generator or reward-worker
+fault, redoes only the steps after the last checkpoint for a learner fault, counts
+exactly the injected faults, and ends with weights that transformers and vLLM load."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import grpo
+
+CHAOS = ["model.cold_start.steps=150", "run.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7",
+         "learner.lr=1e-3", "run.progress=false", "cluster.num_cpus=2", "run.checkpoint_every=2",
+         "faults.health_interval_s=1", "faults.health_timeout_s=5"]
+
+
+def steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def pid_of(run_dir: Path, name: str) -> int:
+    return json.loads((run_dir / "actors.json").read_text())[name]["pid"]
+
+
+def chaos_run(runs_dir: Path, name: str, overrides: list[str], faults: dict[int, tuple[str, int]]) -> tuple[Path, str]:
+    """Start `grpo train`, and once step k has completed send faults[k] = (actor, signal)
+    to that actor's process (read from RUN/actors.json). -> (run dir, the CLI's output)."""
+    run_dir = runs_dir / name
+    proc = subprocess.Popen(grpo("train", *CHAOS, *overrides, f"run.name={name}", f"run.output_dir={runs_dir}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 900
+    pending = dict(faults)
+    while pending:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the run did not get far enough"
+        k = min(pending)
+        if steps_done(run_dir) >= k:
+            actor, sig = pending.pop(k)
+            os.kill(pid_of(run_dir, actor), sig)
+        time.sleep(0.1)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return run_dir, out
+
+
+def check_final_weights_load(run_dir: Path) -> None:
+    code = ("import torch\nfrom transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(run_dir / 'final')!r})\n"
+            "assert all(torch.isfinite(p).all() for p in m.parameters())\n"
+            "from rollout.config import RolloutConfig\nfrom rollout.generator import Generator\n"
+            f"g = Generator({str(run_dir / 'final')!r}, RolloutConfig(n=2))\n"
+            "[group] = g.generate([{'prompt': '3+4='}], [[1, 2]])\n"
+            "assert len(group.samples) == 2 and group.samples[0].completion_ids\ng.close()\nprint('LOADED')\n")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "LOADED" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_generator_and_reward_worker_faults_lose_no_prompt(runs_dir):
+    # asynchronous (S=1), two generators: kill one mid-step, kill the reward worker,
+    # then stop (hang) the other generator; each is replaced and the run goes on.
+    faults = {1: ("generator 0", signal.SIGKILL), 3: ("reward worker 0", signal.SIGKILL),
+              5: ("generator 1", signal.SIGSTOP)}
+    run_dir, _ = chaos_run(runs_dir, "chaos-workers", ["run.steps=8", "run.max_staleness=1",
+                                                       "rollout.num_generators=2"], faults)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert sum(r["faults/generator_restarts"] for r in rows) == 2
+    assert sum(r["faults/reward_worker_restarts"] for r in rows) == 1
+    assert sum(r["faults/learner_restarts"] for r in rows) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    kinds = [(f["kind"], f["index"]) for f in summary["faults"]["faults"]]
+    assert sorted(kinds) == [("generator", 0), ("generator", 1), ("reward worker", 0)]
+    hang = next(f for f in summary["faults"]["faults"] if f["index"] == 1 and f["kind"] == "generator")
+    assert "health probe" in hang["cause"]
+    assert all(f["recovered_s"] is not None and f["recovered_s"] > 0 for f in summary["faults"]["faults"])
+    # no prompt lost: every prompt taken was trained on (the lost ones were sampled again)
+    prompts = summary["prompts"]
+    assert prompts["taken"] == prompts["trained"] == 8 * 4 and prompts.get("unfinished", 0) == 0
+    assert prompts["requeued"] >= 1 and sum(r["faults/requeued_prompts"] for r in rows) == prompts["requeued"]
+    assert all(r["staleness/max"] <= 1 for r in rows)
+    check_final_weights_load(run_dir)
+
+
+def test_a_lost_learner_rank_restarts_the_group_from_the_last_checkpoint(runs_dir):
+    # synchronous (S=0), two ranks under ZeRO-2: kill rank 1 after step 3; the group
+    # restarts from step 2's checkpoint and only steps 3.. are done again
+    run_dir, out = chaos_run(runs_dir, "chaos-learner", ["run.steps=6", "learner.num_ranks=2", "learner.zero_stage=2"],
+                             {3: ("learner rank 1", signal.SIGKILL)})
+    assert "learner group restarted from" in out and "step-2" in out.split("learner group restarted from")[1][:200]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the redone steps replace the lost ones
+    assert [r["policy_version"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["faults"]["counts"] == {"learner": 1}
+    assert sum(r["faults/learner_restarts"] for r in rows) == 1
+    # only what came after the step-2 checkpoint was taken again (steps 3-4 at most)
+    assert 0 < summary["prompts_redone_after_restarts"] <= 2 * 4
+    check_final_weights_load(run_dir)
+
+
+def test_too_many_faults_fail_the_job_naming_what_failed():
+    import pytest
+
+    from cluster.config import load_config
+    from cluster.supervisor import FaultLimit, Supervisor
+
+    sup = Supervisor(load_config(None, ["faults.max_restarts=1"]), "unused", [], None, 0, log=lambda m: None)
+    sup.record("reward worker", 0, "died (ActorDiedError)")  # within the limit
+    with pytest.raises(FaultLimit, match=r"reward worker failed 2 times \(faults.max_restarts=1\); last: reward worker 1: hung"):
+        sup.record("reward worker", 1, "hung")
+    assert sup.summary()["counts"] == {"reward worker": 2}

@@ -1,0 +1,122 @@
+"""Beyond one machine, tested on one box: a Ray cluster of three nodes (three `ray start`
+processes, each with its own custom resource), generators, learner and reward workers
+pinned to different nodes by `cluster:` settings, the weights crossing nodes over the
+learner node's address (never loopback), and the same job through `ray job submit`."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from cluster.placement import PlacementError, Role, check_fits
+from tests.conftest import FULL_RUN, kill_session
+from tests.test_train_e2e import start_head
+
+PLACED = ["cluster.generator_resources={gen: 1}", "cluster.learner_resources={learn: 1}",
+          "cluster.reward_resources={cpu: 1}"]
+EXAMPLE = Path(__file__).parent.parent / "examples" / "cluster" / "grpo-qwen2.5-1.5b-math.yaml"
+
+
+def test_placement_check_names_the_role_and_what_it_lacks():
+    nodes = [{"CPU": 2.0, "gen": 1.0}, {"CPU": 2.0, "learn": 1.0}]
+    roles = [Role("generator", 1, {"CPU": 1.0, "gen": 1.0}), Role("learner rank", 2, {"CPU": 1.0, "learn": 1.0}),
+             Role("reward worker", 1, {"CPU": 0.1, "cpu": 1.0})]
+    with pytest.raises(PlacementError, match=r"reward worker 0 needs \{'CPU': 0.1, 'cpu': 1.0\}.*'cpu': 0"):
+        check_fits(roles, nodes)
+    check_fits(roles[:2], nodes)  # two ranks pack on the learn node, the generator on the gen node
+    with pytest.raises(PlacementError, match="learner rank 1 needs"):
+        check_fits([Role("learner rank", 2, {"CPU": 1.5, "learn": 1.0})], nodes)
+
+
+def test_the_cluster_example_config_is_valid():
+    cfg = load_config(EXAMPLE)  # every key known, every value valid
+    assert cfg.sync.backend == "nccl" and cfg.rollout.tensor_parallel_size == 2 and cfg.learner.zero_stage == 3
+    assert cfg.data.template == "r1_zero" and cfg.cluster.generator_resources == {"rollout_node": 1.0}
+
+
+def test_an_unplaceable_role_fails_fast(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "cluster.reward_resources={cpu_node: 1}",
+                           "cluster.num_cpus=2", f"run.output_dir={tmp_path}"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and time.perf_counter() - t0 < 30
+    assert "reward worker 0 needs" in proc.stderr and "cpu_node" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing built or written
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    """Head (gen) with a dashboard, and two more nodes (learn, cpu) joined to it."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    from ray.util import get_node_ip_address
+
+    ip = get_node_ip_address()  # the machine's own address: what each node of a real cluster has
+    head, dash, address = start_head(tmp, num_cpus=2, resources={"gen": 1}, node_ip=ip)
+    workers = []
+    for name, cpus in (("learn", 2), ("cpu", 1)):
+        workers.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={address}", f"--num-cpus={cpus}",
+             f"--node-ip-address={ip}",
+             f"--resources={json.dumps({name: 1})}", "--disable-usage-stats"],
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + 120
+    import ray
+
+    while True:
+        ray.init(address=address, logging_level="ERROR")
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        ray.shutdown()
+        if len(alive) == 3:
+            break
+        assert time.monotonic() < deadline, f"only {len(alive)} of 3 nodes came up"
+        time.sleep(1)
+    yield address, dash, alive
+    for p in workers + [head]:
+        kill_session(p.pid)
+
+
+def check_placed_run(run_dir: Path, nodes: list[dict]) -> None:
+    by_id = {n["NodeID"]: n for n in nodes}
+    actors = json.loads((run_dir / "actors.json").read_text())
+
+    def resource_of(name):
+        node = by_id[actors[name]["node_id"]]
+        return next(r for r in ("gen", "learn", "cpu") if r in node["Resources"])
+
+    assert resource_of("generator 0") == "gen" and resource_of("learner rank 0") == "learn"
+    assert resource_of("reward worker 0") == "cpu"
+    # the generator dialled the learner node's address, not its own loopback
+    learner_ip = by_id[actors["learner rank 0"]["node_id"]]["NodeManagerAddress"]
+    host = actors["generator 0"]["sync_peer"].rsplit(":", 1)[0]
+    assert host == learner_ip and not host.startswith("127.")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # after every update the generator on another node samples with exactly the learner's weights
+    assert all(r["train/sampler_logprob_diff"] < 1e-4 for r in rows)
+    assert (run_dir / "checkpoints" / "step-3" / "run_state.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "step-3" / "hf"))
+
+
+def test_a_run_across_three_nodes(three_nodes, runs_dir):
+    address, dash, nodes = three_nodes
+    args = [arg for arg in FULL_RUN if not arg.startswith(("run.steps", "cluster.num_cpus", "run.checkpoint_every"))]
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "train", *args, *PLACED, "run.steps=3",
+                           "run.checkpoint_every=3", f"cluster.address={address}", "run.name=multinode",
+                           f"run.output_dir={runs_dir}"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    check_placed_run(runs_dir / "multinode", nodes)
+
+    entry = [sys.executable, "-m", "cluster.cli", "train", *args, *PLACED, "run.steps=3", "run.checkpoint_every=3",
+             "run.name=multinode-job", f"run.output_dir={runs_dir}"]
+    job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit",
+                          f"--address=http://127.0.0.1:{dash}", "--", *entry], capture_output=True, text=True,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=900)
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-3000:]
+    check_placed_run(runs_dir / "multinode-job", nodes)
