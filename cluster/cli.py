@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ Overrides are key.sub=value pairs applied on top of --config, e.g.
 As a `ray job submit` entrypoint it joins that cluster (RAY_ADDRESS) instead of
 starting Ray.
 """
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+WITH_OVERRIDES = ("train", "eval", "sft", "distill", "replay")
 
 
 def _plugin_commands() -> dict[str, str]:
@@ -144,6 +149,14 @@ def _quiet(verbose: bool) -> None:
         import os
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import logging
+
+        # Ray's notice that a local cluster turned token authentication on (it stays on).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" of the driver's own saves
 
 
 def _run(fn, *a, **kw):
@@ -175,7 +188,6 @@ def _train(args: argparse.Namespace) -> int:
             print("grpo: --resume takes a run directory with its config.yaml, and no --config", file=sys.stderr)
             return 2
     cfg = _config(args, base=resume / "config.yaml" if resume else None)
-    _quiet(args.verbose)
     from cluster.driver import train
 
     summary = _run(train, cfg, resume=resume, verbose=args.verbose)
@@ -216,7 +228,7 @@ def _sft(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     pairs = _run(load_pairs, args.data)
-    cfg = _run(place, cfg)
+    cfg = _run(place, cfg, generators=False)
     result = _run(run_sft, cfg, args.model, pairs, SFTSettings(args.steps, args.batch_size, args.lr, cfg.run.seed),
                   Path(args.output))
     print(f"sft: {len(pairs)} examples, {args.steps} steps in {result['seconds']:.0f} s | loss "
@@ -237,8 +249,8 @@ def _distill(args: argparse.Namespace) -> int:
     prompts = _run(load_jsonl, args.data) if args.data else rl_rows(cfg.data)
     held_out = _run(eval_rows, cfg.data, args.eval_data)
     held_out = held_out[: cfg.eval.max_prompts] if cfg.eval.max_prompts else held_out
-    cfg = _run(place, cfg)
-    student = _run(prepare_model, cfg) if args.student == "tiny" else _run(resolve_model, args.student)[0]
+    asked, cfg = cfg, _run(place, cfg)
+    student = _run(prepare_model, asked) if args.student == "tiny" else _run(resolve_model, args.student)[0]
     if args.data:
         prompts = apply_template(prompts, cfg.data.template, teacher)
     settings = DistillSettings(args.k, args.keep, args.steps, args.batch_size, args.lr)
@@ -288,11 +300,17 @@ def main(argv: list[str] | None = None) -> int:
 
         module, _, attr = plugins[argv[0]].partition(":")
         return getattr(import_module(module), attr)(argv[1:])
-    args = _parser().parse_args(argv)
+    # `key.sub=value` overrides may come anywhere, also after options (argparse alone
+    # would refuse a positional after `--k 4`): take them out first.
+    overrides = [a for a in argv[1:] if OVERRIDE.match(a)] if argv and argv[0] in WITH_OVERRIDES else []
+    args = _parser().parse_args([argv[0], *[a for a in argv[1:] if a not in overrides]] if overrides else argv)
+    if overrides:
+        args.overrides = overrides + list(args.overrides or [])
     if args.command == "verify":
         from rewards.verify_cli import main as verify_main
 
         return verify_main(args)
+    _quiet(getattr(args, "verbose", False))
     try:
         return {"train": _train, "eval": _eval, "sft": _sft, "distill": _distill, "samples": _samples,
                 "replay": _replay}[args.command](args)

@@ -80,7 +80,7 @@ class RunConfig(Section):
     seed: int = 0
     """Seeds sampling: every sample's seed is derived from it and the prompt's place in
     the run (rollout/seeds.py), so a run is reproducible."""
-    max_staleness: int = Field(0, ge=0)
+    max_staleness: int = Field(1, ge=0)
     """S, in policy versions: a sample is trained on at most S versions after the oldest
     version that produced it. 0: the synchronous loop (generators wait for each update);
     S > 0: generators keep sampling the next S steps' prompts while the learner trains."""

@@ -60,12 +60,15 @@ def start_actors(cfg: Config, model_path: str, version: int = 0) -> Actors:
     return Actors(generators, rewarders, learners, info)
 
 
-def place(cfg: Config, log=print, learners: bool = True, verbose: bool = False) -> Config:
+def place(cfg: Config, log=print, learners: bool = True, verbose: bool = False, generators: bool = True) -> Config:
     """Start (or join) Ray, fill in the automatic resource shares, and check that the
     job fits the cluster: a job that cannot be placed fails here, naming the role.
-    learners=False: a command without a learner group (eval)."""
+    learners=False: a command without a learner group (eval); generators=False: one
+    without generators (sft), whose learner ranks then share every core."""
     placement.start_ray(cfg.cluster, verbose)
     nodes = placement.alive_nodes()
+    if not generators:
+        cfg = placement.learner_only(cfg)
     if not learners:
         cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 0})})
     cfg = placement.resolve_resources(cfg, nodes)
@@ -147,12 +150,12 @@ class Run:
             if found is None:
                 raise FileNotFoundError(f"--resume: no complete checkpoint under {resume / 'checkpoints'}")
             self.state = found[1]
-        self.log = log
+        self.log, asked = log, cfg
         self.cfg = cfg = place(cfg, log, verbose=verbose)  # before anything is built or written
         self.run_dir = resume or make_run_dir(cfg)
         placement.set_log_dir(None if verbose else self.run_dir / "logs")
         log(f"run directory: {self.run_dir}" + ("" if verbose else "  (actor output: logs/)"))
-        self.model_path = prepare_model(cfg, log)
+        self.model_path = prepare_model(asked, log)  # a cold start's ranks take the generators' cores too
         if cfg.data.path:
             self.rows = apply_template(self.rows, cfg.data.template, self.model_path)
             self.eval_rows = apply_template(self.eval_rows, cfg.data.template, self.model_path)

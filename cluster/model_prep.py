@@ -45,7 +45,7 @@ def prepare_model(cfg: Config, log=print) -> str:
     pairs = [(r["prompt"], r["reference"]) for r in arithmetic_split(cfg.data)["sft"]]
     c = cfg.model.cold_start
     placement.start_ray(cfg.cluster)
-    resolved = placement.resolve_resources(cfg, placement.alive_nodes())
+    resolved = placement.resolve_resources(placement.learner_only(cfg), placement.alive_nodes())
     log(f"cold start: {c.steps} SFT steps of {c.batch_size} on the built-in task ({len(pairs)} examples)")
     run_sft(resolved, str(tmp), pairs, SFTSettings(c.steps, c.batch_size, c.lr, c.seed), trained, log)
     shutil.rmtree(tmp)

@@ -109,6 +109,11 @@ def resolve_resources(cfg: Config, nodes: list[dict[str, float]]) -> Config:
     return cfg.model_copy(update={"cluster": c})
 
 
+def learner_only(cfg: Config) -> Config:
+    """cfg for a job of learner ranks alone (SFT): no generator takes a share of the CPUs."""
+    return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_generators": 0})})
+
+
 def core_sets(cfg: Config, nodes: list[dict[str, float]]) -> dict[str, list[int]]:
     """Cores each generator ("generator i") and learner rank ("learner i") pins itself
     to: only on one CPU-only node where every actor gets cores of its own (as many as

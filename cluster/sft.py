@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from cluster import placement
 from cluster.config import Config
 
@@ -60,12 +62,15 @@ def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, str]], settings
         placement.wait_ready({f"learner rank {i}": r for i, r in enumerate(group.ranks)}, cfg.cluster.start_timeout_s)
         rng = random.Random(settings.seed)
         t0, losses = time.perf_counter(), []
-        for step in range(settings.steps):
-            batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
-            losses.append(group.sft(batch)["sft/loss"])
-            if step % 100 == 0 or step == settings.steps - 1:
-                log(f"sft: step {step + 1}/{settings.steps} loss {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
+        with tqdm(total=settings.steps, desc="sft", unit="step", dynamic_ncols=True) as bar:
+            for step in range(settings.steps):
+                batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
+                losses.append(group.sft(batch)["sft/loss"])
+                bar.update(1)
+                if step % 20 == 0 or step == settings.steps - 1:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
         group.save_hf(str(Path(out_dir).resolve()))
+        log(f"sft: {settings.steps} steps in {time.perf_counter() - t0:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     finally:
         group.kill()
     return {"loss_first": losses[0], "loss_last": losses[-1], "steps": settings.steps,

@@ -2,7 +2,8 @@
 """A complete external verifier: exact-match scoring over length-prefixed msgpack.
 
 Run by a reward worker as a child (stdin/stdout), or as a server with --port N
-(one connection at a time, loopback only). Needs only the `msgpack` package; the
+(a thread per connection: reward workers keep `rewards.concurrency` connections open;
+loopback only). Needs only the `msgpack` package; the
 same protocol can be spoken from any language:
 
   frame    = 4-byte big-endian length + msgpack map
@@ -12,6 +13,7 @@ same protocol can be spoken from any language:
 import socket
 import struct
 import sys
+import threading
 
 import msgpack
 
@@ -54,10 +56,13 @@ def read_exactly(recv):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--port":
         server = socket.create_server(("127.0.0.1", int(sys.argv[2])))
-        while True:
-            conn, _ = server.accept()
+        def handle(conn):
             with conn:
                 serve(read_exactly(conn.recv), conn.sendall)
+
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
     else:
         out = sys.stdout.buffer
 

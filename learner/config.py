@@ -41,7 +41,7 @@ class ModelConfig(Section):
 class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     """Learner ranks (Ray actors in one placement group); the batch is split across them."""
-    lr: float = Field(7e-4, gt=0)
+    lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, ge=0)

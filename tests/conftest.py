@@ -29,7 +29,8 @@ def runs_dir(tmp_path_factory) -> Path:
 FULL_RUN = [
     "model.cold_start.steps=150", "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2",
     "run.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7", "learner.lr=1e-3",
-    "run.progress=false", "cluster.num_cpus=2",
+    "run.progress=false", "cluster.num_cpus=2", "run.loggers=[jsonl,tensorboard]",
+    "run.max_staleness=0",  # synchronous: the resume test compares parameters exactly
 ]
 
 

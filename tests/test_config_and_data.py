@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.data import DatasetError, PromptStream, arithmetic_rows, load_jsonl, reference_completion
+from cluster.data import DatasetError, PromptStream, arithmetic_rows, arithmetic_split, load_jsonl, reference_completion
 from cluster.config import DataConfig
 from rewards.verifiers import accuracy_reward, extract_answer, format_reward
 
@@ -125,10 +125,12 @@ def test_jsonl_errors_name_the_line(tmp_path):
 
 
 def test_arithmetic_split_is_seeded_and_disjoint():
-    cfg = DataConfig(max_operand=9, rl_share=0.3, seed=1)
+    cfg = DataConfig(max_operand=9, rl_share=0.3, eval_share=0.1, seed=1)
     sft, rl = arithmetic_rows(cfg)
-    assert len(sft) + len(rl) == 100 and len(rl) == 30
-    assert not {r["prompt"] for r in sft} & {r["prompt"] for r in rl}
+    held_out = arithmetic_split(cfg)["eval"]
+    assert (len(sft), len(rl), len(held_out)) == (60, 30, 10)
+    prompts = [{r["prompt"] for r in part} for part in (sft, rl, held_out)]
+    assert len(set().union(*prompts)) == 100  # the three parts are disjoint and cover every pair
     assert arithmetic_rows(cfg) == (sft, rl)
     row = next(r for r in rl)
     a, b = map(int, row["prompt"][:-1].split("+"))

@@ -90,7 +90,8 @@ def test_generator_and_reward_worker_faults_lose_no_prompt(runs_dir):
 def test_a_lost_learner_rank_restarts_the_group_from_the_last_checkpoint(runs_dir):
     # synchronous (S=0), two ranks under ZeRO-2: kill rank 1 after step 3; the group
     # restarts from step 2's checkpoint and only steps 3.. are done again
-    run_dir, out = chaos_run(runs_dir, "chaos-learner", ["run.steps=6", "learner.num_ranks=2", "learner.zero_stage=2"],
+    run_dir, out = chaos_run(runs_dir, "chaos-learner", ["run.steps=6", "learner.num_ranks=2", "learner.zero_stage=2",
+                                                             "run.max_staleness=0"],
                              {3: ("learner rank 1", signal.SIGKILL)})
     assert "learner group restarted from" in out and "step-2" in out.split("learner group restarted from")[1][:200]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

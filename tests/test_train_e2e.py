@@ -20,6 +20,7 @@ SHORT_RUN = [
     "rollout.temperature=0.7",
     "learner.lr=1e-3",
     "run.progress=false",
+    "run.max_staleness=0",
 ]
 
 
