@@ -177,6 +177,7 @@ class Run:
         self._shown: list[dict[str, Any]] = []
         self.bar = _progress(cfg, self.state["step"])
         self.redone = 0  # prompts taken again after a learner restart
+        self.checkpoint_s: list[float] = []  # seconds each checkpoint held the loop
         self.t_loop = time.perf_counter()
         self._start_pipeline(self.state)
 
@@ -243,8 +244,10 @@ class Run:
             self._write_actors()
 
     def checkpoint(self, step: int) -> None:
+        t0 = time.perf_counter()
         self.state = {"step": step, "cursor": self.pipeline.resume_cursor(), "policy_version": self.version}
         checkpoint.save(self.actors.learners, self.run_dir, self.state, self.cfg.run.keep_checkpoints)
+        self.checkpoint_s.append(time.perf_counter() - t0)
 
     def restart_learners(self, cause: str) -> int:
         """A rank died or hung: the whole learner group restarts from the last complete
@@ -262,9 +265,8 @@ class Run:
         if found:
             checkpoint.restore(learners, found[0])
         self.actors.learners = self.sup.learners = learners
-        learners.connect(self.actors.generators)
         self.version = state["policy_version"]
-        self.sup.push(self.version)
+        self.sup.push(self.version, reconnect=True)  # replaces generators lost meanwhile too
         self.metrics.truncate(state["step"])
         if self.recorder is not None:
             self.recorder.truncate(state["step"])
@@ -281,8 +283,8 @@ class Run:
         live.update({f"learner rank {i}": r for i, r in enumerate(self.actors.learners.ranks)})
         try:
             self.actors.info.update(placement.wait_ready(live, self.cfg.faults.health_timeout_s))
-        except placement.PlacementError as e:  # a replacement still starting: next time
-            self.log(f"actors.json not refreshed: {e}")
+        except placement.PlacementError:  # an actor lost or still starting: refreshed after its replacement
+            pass
         (self.run_dir / "actors.json").write_text(json.dumps(self.actors.info, indent=1))
 
     def finish(self) -> dict[str, Any]:
@@ -293,6 +295,7 @@ class Run:
         plot(self.metrics.rows, self.run_dir / "plot.png", self.evals)
         summary = {**summarize(self.metrics.rows), "evals": self.evals, "prompts": prompts,
                    "prompts_redone_after_restarts": self.redone,
+                   "checkpoint_seconds": self.checkpoint_s,
                    "faults": self.sup.summary(), "run_dir": str(self.run_dir), "checkpoint": final,
                    "model_start": self.model_path}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

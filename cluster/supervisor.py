@@ -123,27 +123,31 @@ class Supervisor:
 
     def _heal(self) -> None:
         try:
-            self.push(self.version)  # replaces what is down, rebuilds the group, pushes to all
+            with self.weights:  # read the version under the lock: a push by the driver may be under way
+                self.push(self.version)  # replaces what is down, rebuilds the group, pushes to all
         except Exception as e:  # surfaced by the pipeline as its error
             self.heal_error = e
             self.log(f"fault: replacing generators failed: {e!r}")
 
-    def push(self, version: int) -> dict[str, float]:
+    def push(self, version: int, reconnect: bool = False) -> dict[str, float]:
         """Stream `version` to every generator, replacing the dead or hung ones first (and
-        any found while pushing). Raises LearnerFault when the learner is the one at fault."""
+        any found while pushing); reconnect: rebuild the transfer group first (a new
+        learner group). Raises LearnerFault when the learner is the one at fault."""
         with self.weights:
             for _ in range(self.cfg.faults.max_restarts + 2):
                 replaced = self._replace_down()
-                if replaced:
-                    self.learners.connect(self.generators)
                 try:
+                    if replaced or reconnect:
+                        self.learners.connect(self.generators)
+                        reconnect = False
                     sent = self.learners.push(version, timeout_s=self.cfg.faults.step_timeout_s)
                 except Exception as e:
                     culprits = self._unhealthy()
-                    if not culprits:  # every generator answers: the learner is at fault
-                        raise LearnerFault(f"weight push of version {version} failed: {e!r}") from e
                     for i, cause in culprits:
                         self._mark_down(i, f"{cause} (found while pushing version {version})")
+                    if not culprits and all(self.live):  # every generator answers: the learner is at fault
+                        raise LearnerFault(f"weight push of version {version} failed: {e!r}") from e
+                    reconnect = True  # a generator was lost meanwhile (here or by the pipeline): retry
                     continue
                 self.version = version
                 for i in replaced:
