@@ -22,7 +22,7 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "cluster" / "grpo-qwen2.5-
 
 
 def test_placement_check_names_the_role_and_what_it_lacks():
-    nodes = [{"CPU": 2.0, "gen": 1.0}, {"CPU": 2.0, "learn": 1.0}]
+    nodes = [{"CPU": 2.0, "gen": 1.0}, {"CPU": 2.0, "learn": 2.0}]
     roles = [Role("generator", 1, {"CPU": 1.0, "gen": 1.0}), Role("learner rank", 2, {"CPU": 1.0, "learn": 1.0}),
              Role("reward worker", 1, {"CPU": 0.1, "cpu": 1.0})]
     with pytest.raises(PlacementError, match=r"reward worker 0 needs \{'CPU': 0.1, 'cpu': 1.0\}.*'cpu': 0"):
