@@ -15,7 +15,7 @@ from tests.conftest import grpo
 
 CHAOS = ["model.cold_start.steps=150", "run.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7",
          "learner.lr=1e-3", "run.progress=false", "cluster.num_cpus=2", "run.checkpoint_every=2",
-         "faults.health_interval_s=1", "faults.health_timeout_s=5"]
+         "faults.health_interval_s=1", "faults.health_timeout_s=5", "eval.every=0"]
 
 
 def steps_done(run_dir: Path) -> int:

@@ -16,7 +16,7 @@ from cluster.placement import PlacementError, Role, check_fits
 from tests.conftest import FULL_RUN, kill_session
 from tests.test_train_e2e import start_head
 
-PLACED = ["cluster.generator_resources={gen: 1}", "cluster.learner_resources={learn: 1}",
+PLACED = ["eval.every=0", "cluster.generator_resources={gen: 1}", "cluster.learner_resources={learn: 1}",
           "cluster.reward_resources={cpu: 1}"]
 EXAMPLE = Path(__file__).parent.parent / "examples" / "cluster" / "grpo-qwen2.5-1.5b-math.yaml"
 
