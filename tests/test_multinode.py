@@ -14,7 +14,7 @@ import pytest
 from cluster.config import load_config
 from cluster.placement import PlacementError, Role, check_fits
 from tests.conftest import FULL_RUN, kill_session
-from tests.test_train_e2e import start_head
+from tests.test_train_e2e import own_ports, start_head
 
 PLACED = ["eval.every=0", "cluster.generator_resources={gen: 1}", "cluster.learner_resources={learn: 1}",
           "cluster.reward_resources={cpu: 1}"]
@@ -57,27 +57,30 @@ def three_nodes(tmp_path_factory):
     ip = get_node_ip_address()  # the machine's own address: what each node of a real cluster has
     head, dash, address = start_head(tmp, num_cpus=2, resources={"gen": 1}, node_ip=ip)
     workers = []
-    for name, cpus in (("learn", 2), ("cpu", 1)):
-        workers.append(subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={address}", f"--num-cpus={cpus}",
-             f"--node-ip-address={ip}",
-             f"--resources={json.dumps({name: 1})}", "--disable-usage-stats"],
-            env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    deadline = time.monotonic() + 120
-    import ray
+    try:
+        for name, cpus in (("learn", 2), ("cpu", 1)):
+            workers.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={address}",
+                 f"--num-cpus={cpus}", f"--node-ip-address={ip}", f"--resources={json.dumps({name: 1})}",
+                 "--disable-usage-stats", "--object-store-memory=300000000", *own_ports()],
+                env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=(tmp / f"{name}.err").open("w")))
+        deadline = time.monotonic() + 180
+        import ray
 
-    while True:
-        ray.init(address=address, logging_level="ERROR")
-        alive = [n for n in ray.nodes() if n["Alive"]]
-        ray.shutdown()
-        if len(alive) == 3:
-            break
-        assert time.monotonic() < deadline, f"only {len(alive)} of 3 nodes came up"
-        time.sleep(1)
-    yield address, dash, alive
-    for p in workers + [head]:
-        kill_session(p.pid)
+        while True:
+            ray.init(address=address, logging_level="ERROR")
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            ray.shutdown()
+            if len(alive) == 3:
+                break
+            assert time.monotonic() < deadline, f"only {len(alive)} of 3 nodes came up: " + " | ".join(
+                (tmp / f"{n}.err").read_text()[-1500:] for n in ("learn", "cpu"))
+            time.sleep(1)
+        yield address, dash, alive
+    finally:
+        for p in workers + [head]:
+            kill_session(p.pid)
 
 
 def check_placed_run(run_dir: Path, nodes: list[dict]) -> None:
@@ -105,14 +108,10 @@ def check_placed_run(run_dir: Path, nodes: list[dict]) -> None:
 
 
 def test_a_run_across_three_nodes(three_nodes, runs_dir):
+    """`grpo train` submitted with `ray job submit` to the three-node cluster's head (the
+    job's driver joins that cluster, as it would on a real one)."""
     address, dash, nodes = three_nodes
     args = [arg for arg in FULL_RUN if not arg.startswith(("run.steps", "cluster.num_cpus", "run.checkpoint_every"))]
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "train", *args, *PLACED, "run.steps=3",
-                           "run.checkpoint_every=3", f"cluster.address={address}", "run.name=multinode",
-                           f"run.output_dir={runs_dir}"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    check_placed_run(runs_dir / "multinode", nodes)
-
     entry = [sys.executable, "-m", "cluster.cli", "train", *args, *PLACED, "run.steps=3", "run.checkpoint_every=3",
              "run.name=multinode-job", f"run.output_dir={runs_dir}"]
     job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit",

@@ -31,7 +31,8 @@ def make(rows, overrides, delay=0.0, generators=2):
 
 def test_dynamic_sampling_keeps_only_groups_with_signal_in_rounds(ray_session):
     rows = [{"prompt": f"{kind}-{i}", "answer": "1"} for i in range(4) for kind in ("solvable", "mixed")]
-    cfg, gens, pipe, stream = make(rows, ["run.dynamic_sampling=true", "run.max_sampling_rounds=3", "run.steps=3"])
+    cfg, gens, pipe, stream = make(rows, ["run.dynamic_sampling=true", "run.max_sampling_rounds=3", "run.steps=3",
+                                          "run.max_staleness=0"])  # one step's prompts at a time: exact rounds
     # what the rounds must be: the first round takes 4 prompts, each next one as many as are
     # still missing (the mixed prompts are kept), at most 3 rounds
     order, kept, rounds, taken = PromptStream(rows, seed=0), [], 0, []

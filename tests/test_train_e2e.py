@@ -82,6 +82,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_job_agent(dash: int, timeout_s: float = 180) -> None:
+    """Until the head's job agent takes submissions (it comes up after the dashboard):
+    submit a no-op job and wait for it to finish."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            assert "No available agent" in str(e) and time.monotonic() < deadline, str(e)
+            time.sleep(1)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, "the no-op job did not finish"
+        time.sleep(0.5)
+
+
+def own_ports() -> list[str]:
+    """Free ports for a node's agents: two Ray nodes on one machine would otherwise both
+    want the fixed defaults (the dashboard agent's 52365), and the second has no agent."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
+
 def start_head(tmp_path, num_cpus=2, resources=None, node_ip="127.0.0.1"):
     """A Ray head of our own (own ports and temp dir, in its own session, so that only it
     is stopped afterwards) with a dashboard for `ray job submit`. -> (process, dashboard
@@ -94,19 +122,25 @@ def start_head(tmp_path, num_cpus=2, resources=None, node_ip="127.0.0.1"):
            f"--node-ip-address={node_ip}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
            f"--temp-dir={tempfile.mkdtemp(prefix='ray-', dir='/tmp')}",  # short: socket paths have a length limit
-           f"--ray-client-server-port={_free_port()}"]
+           f"--ray-client-server-port={_free_port()}", "--object-store-memory=300000000", *own_ports()]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
     head = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-            return head, dash, f"{node_ip}:{gcs}"
-        except OSError:
-            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(0.5)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+                time.sleep(0.5)
+        wait_for_job_agent(dash)
+    except BaseException:
+        kill_session(head.pid)
+        raise
+    return head, dash, f"{node_ip}:{gcs}"
 
 
 def test_ray_job_submit_survives_a_lost_generator_and_a_resubmission_resumes(runs_dir, tmp_path):
