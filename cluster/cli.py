@@ -224,12 +224,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _sft(args: argparse.Namespace) -> int:
     from cluster.data import load_pairs
     from cluster.driver import place
+    from cluster.evaluation import resolve_model
     from cluster.sft import SFTSettings, run_sft
 
     cfg = _config(args)
     pairs = _run(load_pairs, args.data)
+    model, _ = _run(resolve_model, args.model)  # before Ray starts: a bad path costs nothing
     cfg = _run(place, cfg, generators=False)
-    result = _run(run_sft, cfg, args.model, pairs, SFTSettings(args.steps, args.batch_size, args.lr, cfg.run.seed),
+    result = _run(run_sft, cfg, model, pairs, SFTSettings(args.steps, args.batch_size, args.lr, cfg.run.seed),
                   Path(args.output))
     print(f"sft: {len(pairs)} examples, {args.steps} steps in {result['seconds']:.0f} s | loss "
           f"{result['loss_first']:.3f} -> {result['loss_last']:.3f} | model: {args.output}")

@@ -16,7 +16,7 @@ import ray
 from cluster import placement
 from cluster.config import Config
 from cluster.evaluation import accuracy_verifier, evaluate, sample_and_score, start_generators
-from cluster.sft import SFTSettings, sft_config, tokenize
+from cluster.sft import SFTSettings, sft_config, tokenize, train_steps
 
 
 @dataclass
@@ -70,11 +70,7 @@ def distill(cfg: Config, teacher: str, student: str, prompts: list[dict], held_o
     before, _ = evaluate(students, rewarders, held_out, k_eval, sampling, cfg.rewards.verifiers, seed=cfg.run.seed)
     log(f"distill: student pass@1 before {before['pass@1']:.3f} on {len(held_out)} held-out prompts")
     examples = tokenize(student, [(row["prompt"], row["completion"]) for row in data])
-    import random
-
-    rng, losses = random.Random(cfg.run.seed), []
-    for step in range(s.steps):
-        losses.append(learners.sft([examples[rng.randrange(len(examples))] for _ in range(s.batch_size)])["sft/loss"])
+    losses = train_steps(learners, examples, settings)
     learners.save_hf(str((out_dir / "student").resolve()))
     learners.connect(students)
     learners.push(1)  # the fine-tuned student, on the same generator

@@ -262,7 +262,8 @@ def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tupl
     master_addr, master_port = ray.get(
         _address_and_port.options(
             num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        ).remote(n == 1 and len(alive_nodes()) == 1)
+        ).remote(n == 1 and len(alive_nodes()) == 1),
+        timeout=cfg.cluster.start_timeout_s,
     )
     actor = ray.remote(Learner)
     dist_backend = "nccl" if cfg.cluster.learner_gpus else "gloo"

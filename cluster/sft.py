@@ -51,6 +51,20 @@ def sft_config(cfg: Config, settings: SFTSettings) -> Config:
     return cfg.model_copy(update=dict(learner=learner, run=run, rollout=cfg.rollout.model_copy(update=dict(n=1))))
 
 
+def train_steps(group, examples: list[tuple[list[int], list[int]]], settings: SFTSettings) -> list[float]:
+    """settings.steps SFT steps on batches drawn (seeded) from examples, with a progress
+    bar. -> the loss of every step."""
+    rng, losses = random.Random(settings.seed), []
+    with tqdm(total=settings.steps, desc="sft", unit="step", dynamic_ncols=True) as bar:
+        for step in range(settings.steps):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
+            losses.append(group.sft(batch)["sft/loss"])
+            bar.update(1)
+            if step % 20 == 0 or step == settings.steps - 1:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
 def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, str]], settings: SFTSettings, out_dir: Path,
             log: Callable[[str], None] = print) -> dict[str, float]:
     """Train model_path on (prompt, completion) pairs, batches drawn with the seed; save
@@ -60,15 +74,8 @@ def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, str]], settings
     group = placement.make_learner_group(model_path, sft_cfg)
     try:
         placement.wait_ready({f"learner rank {i}": r for i, r in enumerate(group.ranks)}, cfg.cluster.start_timeout_s)
-        rng = random.Random(settings.seed)
-        t0, losses = time.perf_counter(), []
-        with tqdm(total=settings.steps, desc="sft", unit="step", dynamic_ncols=True) as bar:
-            for step in range(settings.steps):
-                batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
-                losses.append(group.sft(batch)["sft/loss"])
-                bar.update(1)
-                if step % 20 == 0 or step == settings.steps - 1:
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        t0 = time.perf_counter()
+        losses = train_steps(group, examples, settings)
         group.save_hf(str(Path(out_dir).resolve()))
         log(f"sft: {settings.steps} steps in {time.perf_counter() - t0:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     finally:
