@@ -77,7 +77,7 @@ def start_ray() -> None:
 def resolved(cfg):
     """cfg with its automatic resource shares filled in from the running Ray (as `grpo
     train` does), so benchmark actors get what the job's actors would."""
-    from cluster import placement
+    from cluster.actors import placement
 
     return placement.resolve_resources(cfg, placement.alive_nodes())
 

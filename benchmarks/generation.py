@@ -48,7 +48,7 @@ def measure(model: str, model_path: str, params: int, cfg: Any, prompts: list[di
             min_seconds: float) -> dict[str, Any]:
     import ray
 
-    from cluster import placement
+    from cluster.actors import placement
     from rollout.seeds import sample_seeds
     from rollout.types import num_completion_tokens
 

@@ -50,7 +50,7 @@ def measure(rows: list[dict[str, Any]], warmup: int, samples: int) -> dict[str, 
 
 
 def run_one(cfg, staleness: int, out: Path) -> list[dict[str, Any]]:
-    from cluster.driver import train
+    from cluster.commands.train import train
 
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.run.max_staleness = staleness
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from cluster.config import load_config
-    from cluster.model_prep import prepare_model
+    from cluster.commands.cold_start import prepare_model
 
     started = time.perf_counter()
     cfg = load_config(None, [f"run.steps={args.steps}", "run.progress=false", *MINIATURE, *args.overrides])

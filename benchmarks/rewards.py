@@ -53,7 +53,7 @@ def workers_rate(verifier: str, data: list[tuple[dict, list[str]]], num_workers:
     """-> (verifications / s, mean score) through reward-worker actors."""
     import ray
 
-    from cluster.pipeline import RewardPool
+    from cluster.flow.pipeline import RewardPool
     from rewards.config import RewardConfig
     from rewards.worker import RewardWorker
     from rollout.types import Group, Sample

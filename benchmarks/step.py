@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks.common import start_ray
     from cluster.config import load_config
-    from cluster.driver import train
-    from cluster.model_prep import prepare_model
+    from cluster.commands.train import train
+    from cluster.commands.cold_start import prepare_model
 
     started = time.perf_counter()
     cfg = load_config(None, [f"run.steps={args.steps}", *args.overrides])

@@ -145,7 +145,7 @@ def make_peers(cfg: Any, receivers: int) -> list[Any]:
     """A sender with the learner's Ray resources and receivers with the generators'."""
     import ray
 
-    from cluster import placement
+    from cluster.actors import placement
 
     learner_like = {"num_cpus": cfg.cluster.learner_cpus, "num_gpus": cfg.cluster.learner_gpus,
                     "runtime_env": {"env_vars": placement.thread_env(cfg.cluster.learner_threads)}}
@@ -176,7 +176,7 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
     resources free) the raw broadcasts and memcpy."""
     import ray
 
-    from cluster import placement
+    from cluster.actors import placement
 
     path, params = random_model(size, args.out)
     sizes = bucket_sizes(path, cfg.sync.bucket_mb)

@@ -164,9 +164,9 @@ def _run(fn, *a, **kw):
     message, a run that failed past its fault limits exits 1."""
     from cluster.config import ConfigError
     from cluster.data import DatasetError
-    from cluster.pipeline import PipelineError
-    from cluster.placement import PlacementError
-    from cluster.supervisor import FaultLimit
+    from cluster.flow.pipeline import PipelineError
+    from cluster.actors.placement import PlacementError
+    from cluster.actors.supervisor import FaultLimit
     from rewards.api import VerifierError
 
     try:
@@ -188,7 +188,7 @@ def _train(args: argparse.Namespace) -> int:
             print("grpo: --resume takes a run directory with its config.yaml, and no --config", file=sys.stderr)
             return 2
     cfg = _config(args, base=resume / "config.yaml" if resume else None)
-    from cluster.driver import train
+    from cluster.commands.train import train
 
     summary = _run(train, cfg, resume=resume, verbose=args.verbose)
     w = 5
@@ -206,7 +206,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cluster.evaluation import eval_command, resolve_model
+    from cluster.commands.evaluate import eval_command, resolve_model
 
     _, run_dir = _run(resolve_model, args.model)
     base = run_dir / "config.yaml" if run_dir and not args.config else None
@@ -223,9 +223,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _sft(args: argparse.Namespace) -> int:
     from cluster.data import load_pairs
-    from cluster.driver import place
-    from cluster.evaluation import resolve_model
-    from cluster.sft import SFTSettings, run_sft
+    from cluster.commands.train import place
+    from cluster.commands.evaluate import resolve_model
+    from cluster.commands.sft import SFTSettings, run_sft
 
     cfg = _config(args)
     pairs = _run(load_pairs, args.data)
@@ -241,10 +241,10 @@ def _sft(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from cluster.data import apply_template, eval_rows, load_jsonl, rl_rows
-    from cluster.distill import DistillSettings, distill
-    from cluster.driver import place
-    from cluster.evaluation import resolve_model
-    from cluster.model_prep import prepare_model
+    from cluster.commands.distill import DistillSettings, distill
+    from cluster.commands.train import place
+    from cluster.commands.evaluate import resolve_model
+    from cluster.commands.cold_start import prepare_model
 
     cfg = _config(args)
     teacher, _ = _run(resolve_model, args.teacher)
@@ -264,8 +264,8 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _samples(args: argparse.Namespace) -> int:
-    from cluster.record import select
-    from cluster.show import show_sample
+    from cluster.artifacts.record import select
+    from cluster.commands.samples import show_sample
 
     mode, count = next(((m, getattr(args, m)) for m in ("best", "worst", "random") if getattr(args, m)), ("random", 5))
     items = _run(lambda: list(select(Path(args.run), args.step, mode, count, args.verifier)))
@@ -276,7 +276,7 @@ def _samples(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from cluster.replay import COMPARED, replay
+    from cluster.commands.replay import COMPARED, replay
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():

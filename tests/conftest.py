@@ -55,7 +55,7 @@ def placed(overrides: list[str]):
     """A config whose automatic resource shares are filled in from a (started) local Ray
     of 2 CPUs, checked to fit: what `grpo train` does before it creates actors."""
     from cluster.config import load_config
-    from cluster.driver import place
+    from cluster.commands.train import place
 
     return place(load_config(None, ["cluster.num_cpus=2", *overrides]), log=lambda msg: None)
 

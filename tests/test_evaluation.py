@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cluster.evaluation import majority_correct, pass_at_k, powers_of_two, summarize
+from cluster.commands.evaluate import majority_correct, pass_at_k, powers_of_two, summarize
 from rewards.verifiers import answer_classes
 
 

@@ -109,7 +109,7 @@ def test_too_many_faults_fail_the_job_naming_what_failed():
     import pytest
 
     from cluster.config import load_config
-    from cluster.supervisor import FaultLimit, Supervisor
+    from cluster.actors.supervisor import FaultLimit, Supervisor
 
     sup = Supervisor(load_config(None, ["faults.max_restarts=1"]), "unused", [], None, 0, log=lambda m: None)
     sup.record("reward worker", 0, "died (ActorDiedError)")  # within the limit

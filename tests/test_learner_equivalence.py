@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 
-from cluster import placement
+from cluster.actors import placement
 from learner.schedule import plan_step
 from rollout.types import Group, Sample
 from tests.conftest import placed

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
-from cluster.placement import PlacementError, Role, check_fits
+from cluster.actors.placement import PlacementError, Role, check_fits
 from tests.conftest import FULL_RUN, kill_session
 from tests.test_train_e2e import own_ports, start_head
 

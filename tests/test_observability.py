@@ -65,7 +65,7 @@ def test_tensorboard_holds_every_step_of_the_metrics(full_run):
 
 def test_wandb_offline_writes_its_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from cluster.loggers import Loggers
+    from cluster.artifacts.loggers import Loggers
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -80,7 +80,7 @@ def test_wandb_offline_writes_its_run(tmp_path, monkeypatch):
 
 
 def test_recorded_rollouts_round_trip_and_match_the_metrics(full_run):
-    from cluster.record import load, read_step, steps, to_groups
+    from cluster.artifacts.record import load, read_step, steps, to_groups
 
     run_dir, _ = full_run
     rows = {r["step"]: r for r in read_metrics(run_dir)}
@@ -107,7 +107,7 @@ def test_recorded_rollouts_round_trip_and_match_the_metrics(full_run):
 
 
 def test_the_record_stays_under_its_size_bound(tmp_path):
-    from cluster.record import Recorder, read_step, steps
+    from cluster.artifacts.record import Recorder, read_step, steps
 
     rec = Recorder(tmp_path, max_mb=0.05)  # 52 kB
     group = {"key": 0, "prompt": "1+1=", "prompt_ids": [1, 2], "row": {"answer": "2"}, "trained": True,
@@ -123,7 +123,7 @@ def test_the_record_stays_under_its_size_bound(tmp_path):
 
 
 def test_grpo_samples_on_a_real_run(full_run):
-    from cluster.record import load
+    from cluster.artifacts.record import load
 
     run_dir, _ = full_run
     proc = subprocess.run(grpo("samples", str(run_dir), "--step", "6", "--best", "3", "--json"),

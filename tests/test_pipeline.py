@@ -8,8 +8,8 @@ import ray
 
 from cluster.config import load_config
 from cluster.data import PromptStream
-from cluster.driver import pipeline_settings, slowest_generator
-from cluster.pipeline import RolloutPipeline
+from cluster.commands.train import pipeline_settings, slowest_generator
+from cluster.flow.pipeline import RolloutPipeline
 from rewards.worker import RewardWorker
 from tests.fakes import FakeGenerator
 

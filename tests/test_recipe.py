@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.evaluation import pass_at_k
+from cluster.commands.evaluate import pass_at_k
 from tests.conftest import grpo
 
 SMALL = ["cluster.num_cpus=2", "rollout.max_tokens=48"]

@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from cluster import placement
+from cluster.actors import placement
 from rollout.buckets import TensorMeta, pack, plan_buckets, unpack
 from rollout.seeds import sample_seeds
 from tests.conftest import placed

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import ray
 
-from cluster import placement
+from cluster.actors import placement
 from tests.conftest import placed
 from tests.test_learner_equivalence import synthetic_groups
 from tests.test_weight_sync import SEQ, hf_logprobs

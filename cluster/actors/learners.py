@@ -25,7 +25,7 @@ class LearnerGroup:
 
     def _get(self, refs: list[Any], what: str, timeout_s: float | None) -> list[Any]:
         """ray.get with a deadline; a rank that died or did not answer is a LearnerFault."""
-        from cluster.supervisor import LearnerFault, is_actor_gone
+        from cluster.actors.supervisor import LearnerFault, is_actor_gone
 
         timeout_s = timeout_s if timeout_s is not None else self.cfg.faults.step_timeout_s
         try:

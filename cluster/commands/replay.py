@@ -11,16 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster import checkpoint, placement
+from cluster.artifacts import checkpoint
+from cluster.actors import placement
 from cluster.config import Config
-from cluster.record import load, to_groups
+from cluster.artifacts.record import load, to_groups
 
 COMPARED = ("train/loss", "train/entropy", "train/grad_norm", "train/clip_frac", "train/kl", "train/is_weight_mean")
 
 
 def replay(cfg: Config, run_dir: Path, from_step: int, steps: int, log=print) -> dict[str, Any]:
-    from cluster.driver import place
-    from cluster.model_prep import prepare_model
+    from cluster.commands.train import place
+    from cluster.commands.cold_start import prepare_model
 
     recorded = {json.loads(line)["step"]: json.loads(line)
                 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()}

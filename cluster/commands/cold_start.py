@@ -34,8 +34,8 @@ def prepare_model(cfg: Config, log=print) -> str:
     if (cached / "config.json").is_file():
         log(f"model: cached tiny model {cached}")
         return str(cached.resolve())
-    from cluster import placement
-    from cluster.sft import SFTSettings, run_sft
+    from cluster.actors import placement
+    from cluster.commands.sft import SFTSettings, run_sft
     from learner.tiny_model import build_tiny_model
 
     tmp, trained = cached.with_name(cached.name + ".init"), cached.with_name(cached.name + ".tmp")

@@ -17,16 +17,17 @@ from typing import Any
 
 import ray
 
-from cluster import checkpoint, placement
+from cluster.artifacts import checkpoint
+from cluster.actors import placement
 from cluster.config import Config, ConfigError, dump_config
 from cluster.data import PromptStream, apply_template, eval_rows, rl_rows
-from cluster.learners import LearnerGroup
-from cluster.metrics import MetricsLog, plot, step_metrics, summarize
-from cluster.model_prep import prepare_model
-from cluster.loggers import Loggers, check_available
-from cluster.pipeline import PipelineSettings, RolloutPipeline
-from cluster.record import Recorder, batch_records
-from cluster.supervisor import LearnerFault, Supervisor
+from cluster.actors.learners import LearnerGroup
+from cluster.artifacts.metrics import MetricsLog, plot, step_metrics, summarize
+from cluster.commands.cold_start import prepare_model
+from cluster.artifacts.loggers import Loggers, check_available
+from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
+from cluster.artifacts.record import Recorder, batch_records
+from cluster.actors.supervisor import LearnerFault, Supervisor
 
 
 @dataclass
@@ -220,7 +221,7 @@ class Run:
         e = self.cfg.eval
         if not e.every or not self.eval_rows or not (step % e.every == 0 or step == self.cfg.run.steps):
             return {}
-        from cluster.evaluation import evaluate
+        from cluster.commands.evaluate import evaluate
 
         t0 = time.perf_counter()
         live = [g for g, up in zip(self.actors.generators, self.sup.live) if up]

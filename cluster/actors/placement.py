@@ -20,7 +20,7 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig, Config
-from cluster.learners import LearnerGroup
+from cluster.actors.learners import LearnerGroup
 from learner.learner import Learner
 from rewards.worker import RewardWorker
 from rollout.generator import ENGINE_ENV, Generator

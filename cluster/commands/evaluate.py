@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from cluster.pipeline import RewardPool
+from cluster.flow.pipeline import RewardPool
 from rewards.verifiers import extract_answer
 from rollout.seeds import sample_seeds
 from rollout.types import Group
@@ -180,7 +180,7 @@ def resolve_model(model: str) -> tuple[str, Path | None]:
 
 def start_generators(cfg: Any, model_path: str, log) -> tuple[list[Any], list[Any]]:
     """Generators on model_path and the reward workers, placed like training's (no learner)."""
-    from cluster import placement
+    from cluster.actors import placement
 
     generators = placement.make_generators(model_path, cfg)
     rewarders = placement.make_reward_workers(cfg)
@@ -193,7 +193,7 @@ def eval_command(cfg: Any, model: str, data: str | None, out_dir: Path, log=prin
     """`grpo eval`: K samples per held-out prompt on the generators, scored by the reward
     workers; eval.json, samples.jsonl and eval.png in out_dir."""
     from cluster.data import apply_template, eval_rows
-    from cluster.driver import place
+    from cluster.commands.train import place
 
     model_path, _ = resolve_model(model)
     rows = eval_rows(cfg.data, data)

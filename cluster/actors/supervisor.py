@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import ray
 
-from cluster import placement
+from cluster.actors import placement
 from cluster.config import Config
-from cluster.learners import LearnerGroup
+from cluster.actors.learners import LearnerGroup
 
 
 class FaultLimit(RuntimeError):

@@ -349,7 +349,7 @@ class RolloutPipeline:
     def _lost_reward_worker(self, w: int, cause: str, held: list[tuple[int, Group]] = ()) -> None:
         """Reward worker w is lost: the groups it held are scored elsewhere (or by its
         replacement); a fresh worker takes its place."""
-        from cluster import placement
+        from cluster.actors import placement
 
         try:
             ray.kill(self.rewards.workers[w], no_restart=True)

@@ -13,10 +13,10 @@ from typing import Any
 
 import ray
 
-from cluster import placement
+from cluster.actors import placement
 from cluster.config import Config
-from cluster.evaluation import accuracy_verifier, evaluate, sample_and_score, start_generators
-from cluster.sft import SFTSettings, sft_config, tokenize, train_steps
+from cluster.commands.evaluate import accuracy_verifier, evaluate, sample_and_score, start_generators
+from cluster.commands.sft import SFTSettings, sft_config, tokenize, train_steps
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from cluster import placement
+from cluster.actors import placement
 from cluster.config import Config
 
 
