@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_OUT = "bench_results"
+CALL_TIMEOUT_S = 900.0
+"""Deadline of every Ray call a benchmark makes (an engine's start and one measured
+batch on the slowest machine are well under it): a hung actor fails the benchmark, naming
+the call, instead of hanging it."""
 
 # Random-init Qwen2 models (the tiny char tokenizer: ~100 tokens, so nearly every
 # parameter is in the decoder layers). head_dim 64 throughout (vLLM's CPU attention).

@@ -16,21 +16,21 @@ import argparse
 import time
 from typing import Any
 
-from benchmarks.common import DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, resolved, start_ray
+from benchmarks.common import CALL_TIMEOUT_S, DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, resolved, start_ray
 
 
 class RawEngine:
     """vllm.LLM built from the generator's own engine arguments, called directly."""
 
     def __init__(self, model_path: str, cfg: Any) -> None:
-        from rollout.generator import start_engine
+        from rollout.engine import start_engine
 
         self.cfg = cfg
         self.llm = start_engine(model_path, cfg)
 
     def generate(self, prompts: list[str], seeds: list[list[int]]) -> dict[str, float]:
         """The same requests the rollout actor makes: one per sample, with its seed."""
-        from rollout.generator import sample_params
+        from rollout.engine import sample_params
 
         texts = [p for p, s in zip(prompts, seeds) for _ in s]
         params = [sample_params(self.cfg, seed) for s in seeds for seed in s]
@@ -48,14 +48,17 @@ def measure(model: str, model_path: str, params: int, cfg: Any, prompts: list[di
             min_seconds: float) -> dict[str, Any]:
     import ray
 
-    from cluster.actors import placement
+    from cluster.actors.factory import ActorFactory, generator_options
     from rollout.seeds import sample_seeds
     from rollout.types import num_completion_tokens
 
     t0 = time.perf_counter()
-    actor = placement.make_generators(model_path, cfg)[0]
-    raw = ray.remote(RawEngine).options(**placement.generator_options(cfg)).remote(model_path, cfg.rollout)
-    ray.get([actor.ready.remote(), raw.ready.remote()])
+    factory = ActorFactory.for_job(cfg, model_path)
+    actor = factory.generator(0)
+    raw = ray.remote(RawEngine).options(**generator_options(cfg.rollout, cfg.cluster, 0,
+                                                           factory.cores().get("generator 0"))).remote(model_path,
+                                                                                                       cfg.rollout)
+    ray.get([actor.ready.remote(), raw.ready.remote()], timeout=CALL_TIMEOUT_S)
     log(f"{model}: rollout actor and raw engine ready in {time.perf_counter() - t0:.0f} s")
     texts = [r["prompt"] for r in prompts]
 
@@ -64,16 +67,16 @@ def measure(model: str, model_path: str, params: int, cfg: Any, prompts: list[di
 
     def run_actor(seed: int) -> dict[str, float]:
         t = time.perf_counter()
-        groups = ray.get(actor.generate.remote(prompts, seeds(seed)))
+        groups = ray.get(actor.generate.remote(prompts, seeds(seed)), timeout=CALL_TIMEOUT_S)
         seconds = time.perf_counter() - t
-        inside = ray.get(actor.take_timings.remote())  # outside the timed call
+        inside = ray.get(actor.take_timings.remote(), timeout=CALL_TIMEOUT_S)  # outside the timed call
         return {"seconds": seconds, "tokens": num_completion_tokens(groups),
                 "samples": sum(len(g.samples) for g in groups),
                 "engine_seconds": inside["generate/engine"], "convert_seconds": inside["generate/convert"]}
 
     def run_raw(seed: int) -> dict[str, float]:
         t = time.perf_counter()
-        out = ray.get(raw.generate.remote(texts, seeds(seed)))
+        out = ray.get(raw.generate.remote(texts, seeds(seed)), timeout=CALL_TIMEOUT_S)
         out["wall_seconds"] = time.perf_counter() - t
         return out
 

@@ -1,7 +1,7 @@
 """Reward throughput: verifications per second through 1 and 2 reward-worker actors
 (each call in a separate, killable verifier process, `rewards.concurrency` of them
 per worker), fed the way training feeds them (one group per call, to the least-loaded
-worker: cluster/pipeline.py's RewardPool), against calling the verifier inline in one
+worker: cluster/flow/reward_pool.py's RewardPool), against calling the verifier inline in one
 process, measured side by side in the same run.
 
     grpo bench rewards [--verifiers math countdown] [--samples 2000]
@@ -15,7 +15,7 @@ import argparse
 import random
 import time
 
-from benchmarks.common import DEFAULT_OUT, log, report, start_ray
+from benchmarks.common import CALL_TIMEOUT_S, DEFAULT_OUT, log, report, start_ray
 
 
 def cases(verifier: str, count: int, n: int = 8, seed: int = 0) -> list[tuple[dict, list[str]]]:
@@ -53,7 +53,7 @@ def workers_rate(verifier: str, data: list[tuple[dict, list[str]]], num_workers:
     """-> (verifications / s, mean score) through reward-worker actors."""
     import ray
 
-    from cluster.flow.pipeline import RewardPool
+    from cluster.flow.reward_pool import RewardPool
     from rewards.config import RewardConfig
     from rewards.worker import RewardWorker
     from rollout.types import Group, Sample
@@ -62,14 +62,17 @@ def workers_rate(verifier: str, data: list[tuple[dict, list[str]]], num_workers:
     actor = ray.remote(RewardWorker)
     workers = [actor.options(num_cpus=0).remote(cfg, i) for i in range(num_workers)]
     groups = [Group([1], "p", fields, [Sample([1], [0.0], c, "stop", [(0, 0)]) for c in texts]) for fields, texts in data]
-    ray.get([w.score.remote(groups[0]) for w in workers])  # warm-up: verifier processes import their verifier
+    # warm-up: verifier processes import their verifier
+    ray.get([w.score.remote(groups[0]) for w in workers], timeout=CALL_TIMEOUT_S)
     pool = RewardPool(workers)
     t0 = time.perf_counter()
     pending, scores = [pool.submit(g) for g in groups], []
     while pending:  # consumed as they finish, as the pipeline does
-        done, pending = ray.wait(pending, num_returns=1)
+        done, pending = ray.wait(pending, num_returns=1, timeout=CALL_TIMEOUT_S)
+        if not done:
+            raise TimeoutError(f"rewards bench: no group scored within {CALL_TIMEOUT_S:g} s")
         pool.done(done[0])
-        scores += ray.get(done[0])[0].rewards
+        scores += ray.get(done[0], timeout=CALL_TIMEOUT_S)[0].rewards
     elapsed = time.perf_counter() - t0
     for w in workers:
         ray.kill(w)

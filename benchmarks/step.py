@@ -8,7 +8,7 @@ the driver's own bookkeeping.
 
     grpo bench step [--steps 12] [--warmup 2] [key.sub=value ...]
 
-Runs the real `grpo train` loop (cluster/driver.py) with run.steps=--steps on the
+Runs the real `grpo train` loop (cluster/commands/train.py) with run.steps=--steps on the
 default job's model (the cached cold start of `grpo train`, built if missing).
 """
 from __future__ import annotations

@@ -11,10 +11,11 @@ learner.num_ranks=2 run.prompts_per_step=2` (ZeRO-3 streaming).
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
-from typing import Any
+from typing import Any, Iterator
 
-from benchmarks.common import DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, resolved, start_ray
+from benchmarks.common import CALL_TIMEOUT_S, DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, resolved, start_ray
 
 
 class RawPeer:
@@ -89,7 +90,7 @@ class EngineLoad:
     memory through the same reload path (no transfer): the loader's own limit."""
 
     def __init__(self, model_path: str, cfg: Any) -> None:
-        from rollout.generator import start_engine
+        from rollout.engine import start_engine
 
         self.model_path = model_path
         self.llm = start_engine(model_path, cfg)
@@ -145,13 +146,16 @@ def make_peers(cfg: Any, receivers: int) -> list[Any]:
     """A sender with the learner's Ray resources and receivers with the generators'."""
     import ray
 
-    from cluster.actors import placement
+    from cluster.actors.factory import generator_options
+    from cluster.actors.placement import alive_nodes, core_sets, thread_env
 
+    cores = core_sets(cfg.cluster, cfg.rollout.num_generators, cfg.learner.num_ranks, alive_nodes())
     learner_like = {"num_cpus": cfg.cluster.learner_cpus, "num_gpus": cfg.cluster.learner_gpus,
-                    "runtime_env": {"env_vars": placement.thread_env(cfg.cluster.learner_threads)}}
+                    "runtime_env": {"env_vars": thread_env(cfg.cluster.learner_threads)}}
     peer = ray.remote(RawPeer)
     return [peer.options(**learner_like).remote(cfg.sync.backend)] + [
-        peer.options(**placement.generator_options(cfg)).remote(cfg.sync.backend) for _ in range(receivers)
+        peer.options(**generator_options(cfg.rollout, cfg.cluster, 0, cores.get("generator 0"))).remote(cfg.sync.backend)
+        for _ in range(receivers)
     ]
 
 
@@ -159,14 +163,14 @@ def raw_broadcast(peers: list[Any], sizes: list[int], receivers: int, cfg: Any, 
     import ray
 
     group = peers[: receivers + 1]
-    port = ray.get(group[0].free_port.remote())
-    host = cfg.sync.master_address or ray.get(group[0].address.remote())
+    port = ray.get(group[0].free_port.remote(), timeout=CALL_TIMEOUT_S)
+    host = cfg.sync.master_address or ray.get(group[0].address.remote(), timeout=CALL_TIMEOUT_S)
     ray.get([p.open.remote(host, port, rank, len(group), cfg.sync.timeout_s)
              for rank, p in enumerate(group)])
     times = []
     for _ in range(reps + 1):  # the first is a warm-up
         t0 = time.perf_counter()
-        ray.get([p.run.remote() for p in group])
+        ray.get([p.run.remote() for p in group], timeout=CALL_TIMEOUT_S)
         times.append(time.perf_counter() - t0)
     return times[1:]
 
@@ -174,37 +178,36 @@ def raw_broadcast(peers: list[Any], sizes: list[int], receivers: int, cfg: Any, 
 def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
     """The real sync for each generator count, then (with those actors gone, their
     resources free) the raw broadcasts and memcpy."""
-    import ray
-
-    from cluster.actors import placement
-
     path, params = random_model(size, args.out)
     sizes = bucket_sizes(path, cfg.sync.bucket_mb)
     nbytes = sum(sizes)
     # Small syncs are short and noisy: more reps for them (about 200 MiB moved per figure).
     reps = max(args.reps, min(15, round(200 * 2**20 / nbytes)))
+    out = real_syncs(size, path, params, sizes, reps, args.generators, cfg)
+    compare_with_limits(out, size, path, sizes, reps, max(args.generators), cfg)
+    return out
+
+
+def real_syncs(size: str, path: str, params: int, sizes: list[int], reps: int, counts: list[int],
+               cfg: Any) -> list[dict[str, Any]]:
+    """The learner's whole sync into the first k generators, for each k in counts
+    (the actors are gone afterwards)."""
+    import ray
+
+    from cluster.actors.factory import ActorFactory
+
+    nbytes = sum(sizes)
     t0 = time.perf_counter()
-    gens = placement.make_generators(path, cfg)
-    learners = placement.make_learner_group(path, cfg)
+    factory = ActorFactory.for_job(cfg, path)
+    gens, learners = factory.generators(), factory.learner_group()
     ray.get([a.ready.remote() for a in gens + learners.ranks], timeout=900)
     log(f"{size}: {params:,} parameters, {nbytes / 2**20:.0f} MiB in {len(sizes)} bucket(s); "
         f"learner and {len(gens)} generators ready in {time.perf_counter() - t0:.0f} s")
     out = []
-    version = 0
-    for k in args.generators:
+    versions = itertools.count(1)
+    for k in counts:
         learners.connect(gens[:k])
-        runs = []
-        for rep in range(reps + 1):  # the first is a warm-up
-            version += 1
-            t = time.perf_counter()
-            sent = learners.push(version)
-            seconds = time.perf_counter() - t
-            inside = ray.get([g.take_timings.remote() for g in gens[:k]])
-            if rep:
-                runs.append({"seconds": seconds, "learner_seconds": sent["sync/seconds"], "bytes": sent["sync/bytes"],
-                             **{key: max(t.get(key, 0.0) for t in inside)
-                                for key in ("sync/start", "sync/receive", "sync/wait", "sync/load", "sync/finish",
-                                            "sync/pause")}})
+        runs = sync_runs(learners, gens[:k], reps, versions)
         if any(r["bytes"] != nbytes for r in runs):
             raise RuntimeError(f"{size}: the learner sent {runs[0]['bytes']} bytes, the plan says {nbytes}")
         ours_s = median([r["seconds"] for r in runs])
@@ -224,14 +227,44 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
     for a in gens:
         ray.kill(a)
     learners.kill()
+    return out
 
-    # The engine's own load of the same buckets, alone on the machine.
-    loader = ray.remote(EngineLoad).options(**placement.generator_options(cfg)).remote(path, cfg.rollout)
+
+def sync_runs(learners: Any, gens: list[Any], reps: int, versions: Iterator[int]) -> list[dict[str, float]]:
+    """reps timed pushes (after a warm-up), each with the slowest generator's phases."""
+    import ray
+
+    runs = []
+    for rep in range(reps + 1):  # the first is a warm-up
+        t = time.perf_counter()
+        sent = learners.push(next(versions))
+        seconds = time.perf_counter() - t
+        inside = ray.get([g.take_timings.remote() for g in gens], timeout=CALL_TIMEOUT_S)
+        if rep:
+            runs.append({"seconds": seconds, "learner_seconds": sent["sync/seconds"], "bytes": sent["sync/bytes"],
+                         **{key: max(t.get(key, 0.0) for t in inside)
+                            for key in ("sync/start", "sync/receive", "sync/wait", "sync/load", "sync/finish",
+                                        "sync/pause")}})
+    return runs
+
+
+def compare_with_limits(out: list[dict[str, Any]], size: str, path: str, sizes: list[int], reps: int,
+                        receivers: int, cfg: Any) -> None:
+    """Add to each result the engine's own load of the same buckets (alone on the
+    machine), the raw broadcast to as many receivers, and one memcpy."""
+    import ray
+
+    from cluster.actors.factory import ActorFactory, generator_options
+
+    nbytes = sum(sizes)
+    cores = ActorFactory.for_job(cfg, path).cores().get("generator 0")
+    loader = ray.remote(EngineLoad).options(**generator_options(cfg.rollout, cfg.cluster, 0, cores)).remote(
+        path, cfg.rollout)
     load_s = median(ray.get(loader.load.remote(cfg.sync.bucket_mb, reps), timeout=900))
     ray.kill(loader)
-    peers = make_peers(cfg, max(args.generators))
+    peers = make_peers(cfg, receivers)
     ray.get([p.allocate.remote(sizes) for p in peers], timeout=900)
-    memcpy_s = ray.get(peers[0].memcpy.remote(reps))
+    memcpy_s = ray.get(peers[0].memcpy.remote(reps), timeout=CALL_TIMEOUT_S)
     for result in out:
         raw = raw_broadcast(peers, sizes, result["generators"], cfg, reps)
         raw_s, ours_s = median(raw), result["sync_s"]
@@ -251,7 +284,6 @@ def measure_size(size: str, args: argparse.Namespace, cfg: Any) -> list[dict[str
             f"{result['ratio_sync_to_raw_plus_load']:.2f}x raw + load")
     for p in peers:
         ray.kill(p)
-    return out
 
 
 def plot(results: list[dict], path) -> None:

@@ -25,6 +25,10 @@ starting Ray.
 """
 
 
+TRUST_HELP = ("load the checkpoint even if it holds more than plain tensors and containers, by unpickling it, "
+              "which runs whatever code the file names: only for checkpoints you wrote yourself with an older "
+              "version (by default nothing is unpickled and such a file is refused, naming it)")
+
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 WITH_OVERRIDES = ("train", "eval", "sft", "distill", "replay")
 
@@ -50,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its last checkpoint, with its config.yaml (overrides still apply)")
+    train.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     _common(train)
 
     ev = sub.add_parser("eval", help="pass@k and cons@k of a model on held-out prompts",
@@ -66,9 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--data", required=True, help="JSONL rows with `prompt` and `completion`")
     sft.add_argument("--model", required=True, help="HF model directory to start from")
     sft.add_argument("--output", required=True, help="where the fine-tuned HF model goes")
-    sft.add_argument("--steps", type=int, default=200)
-    sft.add_argument("--batch-size", type=int, default=32)
-    sft.add_argument("--lr", type=float, default=1e-3)
+    sft.add_argument("--steps", type=int, help="SFT steps (sft.steps, default 200)")
+    sft.add_argument("--batch-size", type=int, help="examples per step (sft.batch_size, default 32)")
+    sft.add_argument("--lr", type=float, help="learning rate (sft.lr, default 1e-3)")
     _common(sft)
 
     dist = sub.add_parser("distill", help="R1 distillation: teacher samples, verified answers, student SFT",
@@ -80,11 +85,11 @@ def _parser() -> argparse.ArgumentParser:
                                                         "its cold start, as model.tiny / model.cold_start say)")
     dist.add_argument("--data", help="JSONL prompts with answers (default: the built-in task's RL prompts)")
     dist.add_argument("--eval-data", help="held-out JSONL prompts (default: the built-in task's held-out prompts)")
-    dist.add_argument("--k", type=int, default=8)
-    dist.add_argument("--keep", type=int, default=2, help="verified completions kept per prompt")
-    dist.add_argument("--steps", type=int, default=200)
-    dist.add_argument("--batch-size", type=int, default=32)
-    dist.add_argument("--lr", type=float, default=1e-3)
+    dist.add_argument("--k", type=int, help="teacher samples per prompt (distill.k, default 8)")
+    dist.add_argument("--keep", type=int, help="verified completions kept per prompt (distill.keep, default 2)")
+    dist.add_argument("--steps", type=int, help="student SFT steps (sft.steps, default 200)")
+    dist.add_argument("--batch-size", type=int, help="student SFT examples per step (sft.batch_size, default 32)")
+    dist.add_argument("--lr", type=float, help="student SFT learning rate (sft.lr, default 1e-3)")
     dist.add_argument("--output", required=True)
     _common(dist)
 
@@ -107,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run", help="run directory")
     rep.add_argument("--from-step", type=int, required=True)
     rep.add_argument("--steps", type=int, default=3)
+    rep.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     rep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (learner.*)")
 
     verify = sub.add_parser(
@@ -122,10 +128,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="a field of the one case (VALUE read as JSON if it parses); repeatable")
     verify.add_argument("--args", help="JSON object of keyword arguments for the verifier")
     verify.add_argument("--external", help='JSON object as rewards.external, e.g. {"mine": {"command": ["./v"]}}')
-    verify.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    verify.add_argument("--timeout", type=float, default=None, help="seconds per call (default: rewards.timeout_s)")
     for name in _plugin_commands():  # each parses its own options; listed here for --help
         sub.add_parser(name, help=f"(see grpo {name} --help)", add_help=False)
     return parser
+
+
+def _flags(args: argparse.Namespace, keys: dict[str, str]) -> list[str]:
+    """Command-line flags given -> config overrides (flag attribute -> config key): a
+    flag only overrides the default that lives in the config."""
+    return [f"{key}={getattr(args, attr)}" for attr, key in keys.items() if getattr(args, attr, None) is not None]
+
+
+SFT_FLAGS = {"steps": "sft.steps", "batch_size": "sft.batch_size", "lr": "sft.lr"}
 
 
 def _config(args: argparse.Namespace, extra: list[str] = (), base: Path | None = None):
@@ -154,29 +169,28 @@ def _quiet(verbose: bool) -> None:
 
         # Ray's notice that a local cluster turned token authentication on (it stays on).
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        from transformers.utils import logging as hf_logging
+        # HF_HUB_DISABLE_PROGRESS_BARS, set before transformers is imported, also turns off
+        # its own bars ("Writing model shards" of the driver's saves).
 
-        hf_logging.disable_progress_bar()  # "Writing model shards" of the driver's own saves
+
+def _loaded(*names: str) -> tuple[type, ...]:
+    """The exception types named "module:Class" whose modules are already imported: an
+    error of a type whose module was never imported cannot have been raised, and the
+    commands that need no Ray, torch or vLLM never import them for this."""
+    return tuple(getattr(sys.modules[m], c) for m, _, c in (n.partition(":") for n in names) if m in sys.modules)
 
 
 def _run(fn, *a, **kw):
-    """Run a command's conduct; a bad input (config, data, placement) exits 2 with its
-    message, a run that failed past its fault limits exits 1."""
-    from cluster.config import ConfigError
-    from cluster.data import DatasetError
-    from cluster.flow.pipeline import PipelineError
-    from cluster.actors.placement import PlacementError
-    from cluster.actors.supervisor import FaultLimit
-    from rewards.api import VerifierError
-
+    """Run a command's conduct; a bad input (config, data, model path, placement) exits
+    2 with its message, a run that failed past its fault limits exits 1."""
     try:
         return fn(*a, **kw)
-    except (ConfigError, DatasetError, FileNotFoundError, VerifierError, PlacementError, ValueError) as e:
-        print(f"grpo: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, *_loaded("cluster.actors.placement:PlacementError")) as e:
+        print(f"grpo: {e}", file=sys.stderr)  # ConfigError, DatasetError, VerifierError are ValueErrors
         raise SystemExit(2)
-    except (FaultLimit, PipelineError) as e:  # what failed and how often; checkpoints stay for --resume
+    except _loaded("cluster.actors.faults:FaultLimit", "cluster.flow.pipeline:PipelineError") as e:
         cause = f"\n{e.__cause__}" if e.__cause__ is not None else ""  # an actor's error, in full
-        print(f"grpo: the run failed: {e}{cause}", file=sys.stderr)
+        print(f"grpo: the run failed: {e}{cause}", file=sys.stderr)  # checkpoints stay for --resume
         raise SystemExit(1)
 
 
@@ -188,9 +202,12 @@ def _train(args: argparse.Namespace) -> int:
             print("grpo: --resume takes a run directory with its config.yaml, and no --config", file=sys.stderr)
             return 2
     cfg = _config(args, base=resume / "config.yaml" if resume else None)
+    from cluster.config import check_model_path
+
+    _run(check_model_path, cfg)  # before Ray, torch or vLLM are imported
     from cluster.commands.train import train
 
-    summary = _run(train, cfg, resume=resume, verbose=args.verbose)
+    summary = _run(train, cfg, resume=resume, verbose=args.verbose, trust_checkpoint=args.trust_checkpoint)
     w = 5
     print(
         f"\nsummary: {summary['steps']} steps in {summary['seconds_total']:.0f} s | "
@@ -206,11 +223,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cluster.commands.evaluate import eval_command, resolve_model
+    from cluster.artifacts.files import resolve_model
 
     _, run_dir = _run(resolve_model, args.model)
     base = run_dir / "config.yaml" if run_dir and not args.config else None
-    cfg = _config(args, [f"eval.k={args.k}"] if args.k else [], base)
+    cfg = _config(args, _flags(args, {"k": "eval.k"}), base)
+    from cluster.commands.evaluate import eval_command
+
     report = _run(eval_command, cfg, args.model, args.data, Path(args.output))
     k = report["k"]
     print(f"eval: {report['n_prompts']} prompts x {k} in {report['seconds']:.0f} s | pass@1 {report['pass@1']:.3f} | "
@@ -222,41 +241,47 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
+    from cluster.artifacts.files import check_output, resolve_model
     from cluster.data import load_pairs
-    from cluster.commands.train import place
-    from cluster.commands.evaluate import resolve_model
-    from cluster.commands.sft import SFTSettings, run_sft
 
-    cfg = _config(args)
+    cfg = _config(args, _flags(args, SFT_FLAGS))
     pairs = _run(load_pairs, args.data)
     model, _ = _run(resolve_model, args.model)  # before Ray starts: a bad path costs nothing
+    _run(check_output, Path(args.output), model)
+    from cluster.actors.placement import place
+    from cluster.commands.sft import SFTSettings, run_sft
+
     cfg = _run(place, cfg, generators=False)
-    result = _run(run_sft, cfg, model, pairs, SFTSettings(args.steps, args.batch_size, args.lr, cfg.run.seed),
-                  Path(args.output))
-    print(f"sft: {len(pairs)} examples, {args.steps} steps in {result['seconds']:.0f} s | loss "
+    s = cfg.sft
+    result = _run(run_sft, cfg, model, pairs, SFTSettings(s.steps, s.batch_size, s.lr, cfg.run.seed), Path(args.output))
+    print(f"sft: {len(pairs)} examples, {s.steps} steps in {result['seconds']:.0f} s | loss "
           f"{result['loss_first']:.3f} -> {result['loss_last']:.3f} | model: {args.output}")
     Path(args.output, "sft.json").write_text(json.dumps(result))
     return 0
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from cluster.artifacts.files import check_output, resolve_model
     from cluster.data import apply_template, eval_rows, load_jsonl, rl_rows
-    from cluster.commands.distill import DistillSettings, distill
-    from cluster.commands.train import place
-    from cluster.commands.evaluate import resolve_model
-    from cluster.commands.cold_start import prepare_model
 
-    cfg = _config(args)
+    cfg = _config(args, _flags(args, {**SFT_FLAGS, "k": "distill.k", "keep": "distill.keep"}))
     teacher, _ = _run(resolve_model, args.teacher)
     prompts = _run(load_jsonl, args.data) if args.data else rl_rows(cfg.data)
     held_out = _run(eval_rows, cfg.data, args.eval_data)
     held_out = held_out[: cfg.eval.max_prompts] if cfg.eval.max_prompts else held_out
+    student = None if args.student == "tiny" else _run(resolve_model, args.student)[0]  # before Ray starts
+    _run(check_output, Path(args.output))
+    from cluster.actors.placement import place
+    from cluster.commands.cold_start import prepare_model
+    from cluster.commands.distill import distill
+    from cluster.commands.sft import SFTSettings
+
     asked, cfg = cfg, _run(place, cfg)
-    student = _run(prepare_model, asked) if args.student == "tiny" else _run(resolve_model, args.student)[0]
+    student = student or _run(prepare_model, asked)
     if args.data:
         prompts = apply_template(prompts, cfg.data.template, teacher)
-    settings = DistillSettings(args.k, args.keep, args.steps, args.batch_size, args.lr)
-    report = _run(distill, cfg, teacher, student, prompts, held_out, settings, Path(args.output))
+    settings = SFTSettings(cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.run.seed)
+    report = _run(distill, cfg, teacher, student, prompts, held_out, cfg.distill, settings, Path(args.output))
     print(f"distill: kept {report['examples_kept']} verified completions (teacher pass@1 {report['teacher_pass@1']:.3f}) | "
           f"student pass@1 on {report['held_out_prompts']} held-out prompts: {report['student_pass@1_before']:.3f} -> "
           f"{report['student_pass@1_after']:.3f} | {args.output}/distill.json")
@@ -267,7 +292,8 @@ def _samples(args: argparse.Namespace) -> int:
     from cluster.artifacts.record import select
     from cluster.commands.samples import show_sample
 
-    mode, count = next(((m, getattr(args, m)) for m in ("best", "worst", "random") if getattr(args, m)), ("random", 5))
+    mode, count = next(((m, getattr(args, m)) for m in ("best", "worst", "random") if getattr(args, m) is not None),
+                       ("random", 5))
     items = _run(lambda: list(select(Path(args.run), args.step, mode, count, args.verifier)))
     color = sys.stdout.isatty() and not args.json
     for item in items:
@@ -282,9 +308,13 @@ def _replay(args: argparse.Namespace) -> int:
     if not (run / "config.yaml").is_file():
         print(f"grpo: {run} is not a run directory (no config.yaml)", file=sys.stderr)
         return 2
+    if args.steps < 1 or args.from_step < 1:
+        print(f"grpo: replay --from-step and --steps must be at least 1 (got {args.from_step}, {args.steps})",
+              file=sys.stderr)
+        return 2
     args.config = None
     cfg = _config(args, base=run / "config.yaml")
-    result = _run(replay, cfg, run, args.from_step, args.steps)
+    result = _run(replay, cfg, run, args.from_step, args.steps, trust=args.trust_checkpoint)
     for r in result["rows"]:
         print(f"step {r['step']}: " + "  ".join(
             f"{k[6:]} {r[f'replay/{k}']:.6g} (recorded {r[f'recorded/{k}']:.6g})" for k in COMPARED[:3]

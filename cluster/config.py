@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from learner.config import LearnerConfig, ModelConfig
 from rewards.config import RewardConfig
@@ -26,8 +26,9 @@ class DataConfig(Section):
     """Built-in task generator. Ignored when `path` is set."""
     path: str | None = None
     """A JSONL file of rows with `prompt` and `answer` (other fields go to the verifiers)."""
-    max_operand: int = Field(29, ge=1)
-    """Arithmetic: operands are drawn from 0..max_operand."""
+    max_operand: int = Field(29, ge=1, le=999)
+    """Arithmetic: operands are drawn from 0..max_operand (every pair is built: at most
+    999, a million pairs)."""
     rl_share: float = Field(0.5, gt=0, lt=1)
     """Arithmetic: share of all operand pairs held apart for RL (the rest, but eval_share,
     feed the cold start)."""
@@ -39,6 +40,17 @@ class DataConfig(Section):
     template. The built-in task keeps its own format."""
     seed: int = 0
     """Seeds the split and the order in which prompts are drawn."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return _nonempty_path("data.path", value)
+
+
+def _nonempty_path(key: str, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError(f"{key}: an empty path; leave it unset for the default")
+    return value
 
 
 class EvalConfig(Section):
@@ -57,10 +69,37 @@ class EvalConfig(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     """None: rollout.max_tokens."""
+    timeout_s: float = Field(3600.0, gt=0)
+    """Deadline of one evaluation (sampling and scoring every prompt), past which it fails."""
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: str | None) -> str | None:
+        return _nonempty_path("eval.data", value)
 
     def sampling(self, default_max_tokens: int) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "logprobs": False,
                 "max_tokens": self.max_tokens or default_max_tokens}
+
+
+class SFTConfig(Section):
+    """`grpo sft`, and the student's stage of `grpo distill` (their --steps, --batch-size
+    and --lr override these). The default job's cold start has its own (model.cold_start)."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    """Examples per step, drawn (seeded by run.seed) from the data."""
+    lr: float = Field(1e-3, gt=0)
+    """Constant learning rate (the learner's optimizer, no KL, no schedule)."""
+
+
+class DistillConfig(Section):
+    """`grpo distill`: rejection sampling from the teacher (--k and --keep override these)."""
+
+    k: int = Field(8, ge=1)
+    """Teacher samples per prompt."""
+    keep: int = Field(2, ge=1)
+    """Verified-correct completions kept per prompt (distinct texts)."""
 
 
 class RunConfig(Section):
@@ -70,7 +109,7 @@ class RunConfig(Section):
     output_dir: str = "runs"
     """Each run writes to <output_dir>/<name>."""
     name: str | None = None
-    """Run directory name; default: a timestamp."""
+    """Run directory name (one path component under output_dir); default: a timestamp."""
     checkpoint_every: int = Field(10, ge=0)
     """Every K steps save a resumable checkpoint: DeepSpeed state (optimizer included),
     run state and an HF export (0: only the final HF export). A lost learner rank
@@ -93,20 +132,32 @@ class RunConfig(Section):
     """Cap on sampling rounds per step with dynamic sampling (then train on what there is)."""
     record_rollouts: bool = True
     """Write every sampled group (trained or dropped) to RUN/rollouts/ (msgpack; see
-    cluster/record.py), for `grpo samples` and `grpo replay`."""
+    cluster/artifacts/record.py), for `grpo samples` and `grpo replay`."""
     record_max_mb: float = Field(512.0, gt=0)
     """Size bound of RUN/rollouts/: the oldest steps are deleted past it."""
+    log_max_mb: float = Field(64.0, gt=0)
+    """Size bound of each actor's RUN/logs/<actor>.log: past it the file is rotated to
+    <actor>.log.1 (replacing the previous one), so a log holds at most twice this."""
     loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
     """Where metrics go: metrics.jsonl always; `tensorboard` (RUN/tensorboard: every
     metric as a scalar, a few samples per step as text) and `wandb` (only when the
     package is installed; honours WANDB_MODE=offline and the usual WANDB_* variables)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value in (".", "..") or "/" in value or "\\" in value
+                                  or value.startswith("_")):
+            raise ValueError(f"run.name: {value!r} must be one plain directory name under run.output_dir "
+                             "(no '/', not '.', '..' or empty, not starting with '_', which is the cache's)")
+        return value
 
 
 class ClusterConfig(Section):
     address: str | None = None
     """Ray address to join; None starts Ray locally (or joins the cluster a
     `ray job submit` entrypoint runs in)."""
-    num_cpus: int | None = None
+    num_cpus: int | None = Field(None, ge=1)
     """CPUs of a locally started Ray (None: all)."""
     generator_cpus: float | None = Field(None, ge=0)
     """Logical CPUs per generator; None: a share of the cluster (see below)."""
@@ -169,6 +220,8 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     faults: FaultConfig = FaultConfig()
     eval: EvalConfig = EvalConfig()
+    sft: SFTConfig = SFTConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -236,3 +289,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def check_model_path(cfg: Config) -> None:
+    """model.path, before anything starts."""
+    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {cfg.model.path!r} is not an HF model directory (no config.json)")

@@ -42,30 +42,47 @@ def arithmetic_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[st
     return split["sft"], split["rl"]
 
 
-def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a row that is not an object, or lacks `prompt` (a
-    non-empty string) or `answer`, raises DatasetError naming its line number."""
-    rows = []
+def read_jsonl(path: str | Path, what: str = "data.path") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file. A missing file, a
+    directory, a line that is not UTF-8, not JSON or not an object raises DatasetError
+    naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"data.path: no such file {str(path)!r}")
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{lineno}: a row must be a JSON object")
-            if not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise DatasetError(f"{path}:{lineno}: missing or empty required field 'prompt'")
-            if row.get("answer") is None:
-                raise DatasetError(f"{path}:{lineno}: missing required field 'answer'")
-            rows.append(row)
-    if not rows:
+        raise DatasetError(f"{what}: {str(path)!r} is not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{what}: cannot read {str(path)!r} ({e.strerror})") from None
+    out = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}:{lineno}: not UTF-8 text (byte {e.start})") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}:{lineno}: a row must be a JSON object")
+        out.append((lineno, row))
+    if not out:
         raise DatasetError(f"{path}: no rows")
+    return out
+
+
+def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a row that lacks `prompt` (a non-empty string) or `answer`
+    raises DatasetError naming its line number."""
+    rows = []
+    for lineno, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise DatasetError(f"{path}:{lineno}: missing or empty required field 'prompt'")
+        if row.get("answer") is None:
+            raise DatasetError(f"{path}:{lineno}: missing required field 'answer'")
+        rows.append(row)
     return rows
 
 
@@ -96,22 +113,13 @@ def apply_template(rows: list[dict[str, Any]], template: str, tokenizer_path: st
 
 def load_pairs(path: str | Path) -> list[tuple[str, str]]:
     """(prompt, completion) pairs of an SFT JSONL file; a row without a non-empty string
-    `completion` raises DatasetError naming its line."""
+    `prompt` and `completion` raises DatasetError naming its line."""
     pairs = []
-    with Path(path).open() as f:
-        lines = [line for line in enumerate(f, start=1) if line[1].strip()]
-    for lineno, line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise DatasetError(f"{path}:{lineno}: missing or empty required field 'prompt'")
-        if not isinstance(row.get("completion"), str) or not row["completion"]:
-            raise DatasetError(f"{path}:{lineno}: missing or empty required field 'completion'")
+    for lineno, row in read_jsonl(path, "--data"):
+        for key in ("prompt", "completion"):
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise DatasetError(f"{path}:{lineno}: missing or empty required field {key!r}")
         pairs.append((row["prompt"], row["completion"]))
-    if not pairs:
-        raise DatasetError(f"{path}: no rows")
     return pairs
 
 

@@ -6,9 +6,17 @@ Run by a reward worker as a child (stdin/stdout), or as a server with --port N
 loopback only). Needs only the `msgpack` package; the
 same protocol can be spoken from any language:
 
-  frame    = 4-byte big-endian length + msgpack map
+  frame    = 4-byte big-endian length + msgpack map (at most MAX_FRAME bytes)
   request  = {"id": int, "verifier": str, "completion": str, "fields": map}
   response = {"id": int, "score": float, "info": map, "error": str or nil}
+
+A frame announced longer than MAX_FRAME ends the connection: a peer never makes this
+process allocate what it says.
+
+Before a run starts, each external verifier answers one probe: a request with an empty
+completion and no fields (any answer passes, an error included). As a child it starts
+with a minimal environment (PATH, locale, a throwaway HOME): a key it needs is named in
+the config, e.g. rewards.external.exact: {command: [...], env: [MY_API_KEY]}.
 """
 import socket
 import struct
@@ -16,6 +24,8 @@ import sys
 import threading
 
 import msgpack
+
+MAX_FRAME = 16 * 2**20  # as rewards/protocol.py's MAX_FRAME_BYTES
 
 
 def score(request):
@@ -32,6 +42,9 @@ def serve(read, write):
         if len(header) < 4:
             return
         (length,) = struct.unpack(">I", header)
+        if length > MAX_FRAME:
+            print(f"external_verifier: a frame of {length} bytes (max {MAX_FRAME}): closing", file=sys.stderr)
+            return
         request = msgpack.unpackb(read(length), raw=False)
         try:
             response = score(request)

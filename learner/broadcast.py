@@ -29,7 +29,7 @@ def parameter_metas(module: torch.nn.Module) -> list[TensorMeta]:
     ]
 
 
-def _gathered(params: list[torch.nn.Parameter]):
+def gathered(params: list[torch.nn.Parameter]):
     """ZeRO-3: the full values of `params` inside the block (all ranks enter it)."""
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
@@ -83,7 +83,7 @@ class WeightBroadcaster:
         zero3 = any(hasattr(p, "ds_id") for p in params)
         in_flight = None  # the previous bucket's broadcast: it travels while this one is packed
         for k, bucket in enumerate(plan_buckets(metas, self.bucket_bytes)):
-            with _gathered([params[i] for i in bucket]):
+            with gathered([params[i] for i in bucket]):
                 if not sender:
                     continue
                 tensors = [params[i].detach() for i in bucket]

@@ -1,4 +1,4 @@
-"""One learner rank: a DeepSpeed engine in a Ray actor (wrapped by cluster/placement.py).
+"""One learner rank: a DeepSpeed engine in a Ray actor (wrapped by cluster/actors/factory.py).
 
 train_step: scored groups -> group-relative advantages -> the step's schedule (the
 same for every rank, learner/schedule.py) -> clipped policy-gradient updates with
@@ -96,9 +96,12 @@ class Learner:
         total_steps: int,
         temperature: float,
         max_tokens: int,
-        dist_backend: str = "gloo",
-        collective_timeout_s: float = 1800.0,
+        dist_backend: str,
+        collective_timeout_s: float,
     ) -> None:
+        """dist_backend: of the learner ranks' own group ("gloo" on CPU, "nccl" on GPUs);
+        collective_timeout_s: deadline of each of its collectives (the caller passes
+        faults.step_timeout_s, the deadline of every learner call)."""
         redirect_output_from_env()
         self.cores = pin_from_env()
         os.environ.update(
@@ -107,6 +110,8 @@ class Learner:
         )
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from learner.checkpoint_engine import SafeCheckpointEngine
 
         torch.manual_seed(cfg.seed)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -133,6 +138,7 @@ class Learner:
             model=model, optimizer=self.optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
+        self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)  # nothing unpickled on load
         self.ref = None
         if cfg.kl_coef > 0:  # the frozen reference: sharded like the policy under ZeRO-3
             ref = AutoModelForCausalLM.from_pretrained(cfg.reference_path or model_path, dtype=torch.float32).eval()
@@ -353,7 +359,9 @@ class Learner:
         self.engine.save_checkpoint(path, tag="state", client_state={"steps_done": self.steps_done,
                                                                      "torch_rng": torch.get_rng_state()})
 
-    def load_checkpoint(self, path: str) -> None:
+    def load_checkpoint(self, path: str, trust: bool = False) -> None:
+        """trust: unpickle what the files hold (only for one's own older checkpoints)."""
+        self.engine.checkpoint_engine.trust = trust
         _, client = self.engine.load_checkpoint(
             path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -364,12 +372,12 @@ class Learner:
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unpartitioned) weights on CPU; a collective under ZeRO-3 (every rank calls)."""
-        from learner.broadcast import _gathered
+        from learner.broadcast import gathered
 
         module = self.engine.module
         copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor (saved once)
         out = {}
-        with _gathered(list(module.parameters())):
+        with gathered(list(module.parameters())):
             for k, v in module.state_dict().items():
                 if v.data_ptr() not in copies:
                     copies[v.data_ptr()] = v.detach().cpu().clone()

@@ -1,11 +1,31 @@
 """Config section owned by rewards/. Imports only pydantic: cheap to import."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from rollout.config import Section
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets: `[::1]:9000`) -> (host, port); ValueError
+    when it is not one."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not host:port (a port from 1 to 65535)")
+    return host, int(port)
+
+
+def _env_names(names: list[str]) -> list[str]:
+    bad = [n for n in names if not _ENV_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"not names of environment variables: {bad}")
+    return names
 
 
 class VerifierSpec(Section):
@@ -15,6 +35,19 @@ class VerifierSpec(Section):
     """Keyword arguments passed to the verifier on every call."""
     timeout_s: float | None = Field(None, gt=0)
     """Wall-clock limit of one call (default: rewards.timeout_s)."""
+    env: list[str] = []
+    """Names of environment variables of the reward worker that the verifier process
+    gets, with the worker's values (an API key a plug-in needs). Nothing else of the
+    worker's environment crosses: a verifier process starts from PATH, the locale, TZ,
+    TMPDIR, VIRTUAL_ENV, the thread-count variables, a fresh empty HOME and a PYTHONPATH
+    that imports the project and the plug-ins (rewards/spawn.py). The verifiers that run
+    in Python share one process, which gets the names of all of them. Never reaches a
+    program the `code` verifier runs."""
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: list[str]) -> list[str]:
+        return _env_names(value)
 
 
 class ExternalVerifier(Section):
@@ -22,6 +55,7 @@ class ExternalVerifier(Section):
     on stdin/stdout (`command`) or a TCP server speaking it (`address`)."""
 
     command: list[str] | None = None
+    """The program and its arguments (not empty)."""
     address: str | None = None
     """host:port"""
     verifier: str | None = None
@@ -29,13 +63,25 @@ class ExternalVerifier(Section):
     ready: bool = False
     """The program writes one {"ready": true} frame when it can serve (command only):
     its start-up then never counts against a call's timeout."""
+    env: list[str] = []
+    """Names of environment variables of the reward worker that the program gets, with
+    the worker's values. It starts from PATH, the locale, TZ, TMPDIR, VIRTUAL_ENV, the
+    thread-count variables and a fresh empty HOME; nothing else crosses (no PYTHONPATH:
+    it may be another Python)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: list[str]) -> list[str]:
+        return _env_names(value)
 
     @model_validator(mode="after")
     def _one(self) -> "ExternalVerifier":
         if (self.command is None) == (self.address is None):
             raise ValueError("set exactly one of command or address")
-        if self.address is not None and ":" not in self.address:
-            raise ValueError(f"address {self.address!r} is not host:port")
+        if self.command is not None and (not self.command or not self.command[0]):
+            raise ValueError("command is empty: give the program (and its arguments)")
+        if self.address is not None:
+            split_address(self.address)
         return self
 
 
@@ -46,7 +92,7 @@ class RewardConfig(Section):
     """Verifier processes per worker (each an own set of external peers too): the
     samples of the groups a worker holds are scored this many at a time."""
     verifiers: dict[str, float | VerifierSpec] = {"accuracy": 1.0, "format": 0.2}
-    """Verifier -> weight, or -> {weight, args, timeout_s}. A verifier is a registered
+    """Verifier -> weight, or -> {weight, args, timeout_s, env}. A verifier is a registered
     name (rewards/verifiers.py), a `package.module:attr` import path, or a name under
     `external`. The total reward is the weighted sum; each score is logged as rewards/<name>."""
     external: dict[str, ExternalVerifier] = {}
@@ -60,9 +106,14 @@ class RewardConfig(Section):
     """Scores remembered per worker, keyed by (verifier, completion, fields)."""
     allow_unsandboxed_code: bool = False
     """Let the `code` verifier run model-written programs without bubblewrap (process
-    limits, a PID namespace or cgroup, but no filesystem or network isolation). Off: a
-    machine without bubblewrap refuses to run them (every such sample scores 0 with
-    an error saying why)."""
+    limits, a PID namespace or cgroup, uid 65534 when the worker is root, but no
+    filesystem isolation). Off: a machine without bubblewrap refuses to run them (every
+    such sample scores 0 with an error saying why)."""
+    max_error_steps: int = Field(3, ge=0)
+    """Stop the run when one verifier fails (an error or a timeout) on every sample of
+    this many consecutive steps, naming it and its last error (rewards.api.ErrorStreak).
+    One such step can be a passing outage (a verifier server restarting, a node lost);
+    three in a row means the verifier is broken and the run learns from zeros. 0: never."""
 
     @field_validator("verifiers")
     @classmethod

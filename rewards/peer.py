@@ -6,7 +6,11 @@ deadline begins, so a slow start never eats the budget of the call that triggere
 it. A peer that hangs is killed (its whole process group) and one that dies or
 garbles a frame is restarted on the next call; either way the request in flight is
 answered with an error, never an exception. A score that is not a finite number is
-an error too: it must never reach the learner."""
+an error too: it must never reach the learner.
+
+A program we start gets a minimal environment (rewards/spawn.py) with a throwaway HOME,
+and dies with the worker thread that started it (a parent-death signal): a worker
+killed while its verifier process hangs in an import leaves nothing running."""
 from __future__ import annotations
 
 import math
@@ -15,13 +19,19 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import Any
 
-from rewards.protocol import MAX_FRAME_BYTES, ProtocolError, _HEADER, check_response, decode_body, encode
+from rewards.api import VerifierError
+from rewards.config import split_address
+from rewards.protocol import HEADER, MAX_FRAME_BYTES, ProtocolError, check_response, decode_body, encode, plain
+from rewards.spawn import die_with_parent, minimal_env, throwaway_home
 
 START_TIMEOUT_S = 120.0
 """How long a verifier process may take to start and announce itself."""
+REAP_TIMEOUT_S = 5.0
+"""How long to wait for a killed process to be gone (one stuck in the kernel may never go)."""
 
 
 class PeerTimeout(Exception):
@@ -64,7 +74,7 @@ def _write_all(fd: int, data: bytes, deadline: float) -> None:
 
 
 def read_frame_by(fd: int, deadline: float, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
-    (length,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
+    (length,) = HEADER.unpack(_read_exact(fd, HEADER.size, deadline))
     if length > max_bytes:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes}")
     return decode_body(_read_exact(fd, length, deadline))
@@ -74,7 +84,7 @@ def _result(score: float, error: str | None, kind: str, info: dict | None = None
     return {"score": score, "info": info or {}, "error": error, "kind": kind}
 
 
-class _Peer:
+class Peer:
     """Shared request/response logic; subclasses open, write to and close the channel."""
 
     name = "peer"
@@ -85,16 +95,24 @@ class _Peer:
         self.restarts = 0
 
     def call(self, verifier: str, completion: str, fields: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """-> {"score", "info", "error", "kind"}; kind is "ok", "error" or "timeout"."""
+        """One score -> {"score", "info", "error", "kind"}; kind is "ok", "error" or "timeout"."""
+        return self.send({"verifier": verifier, "completion": completion, "fields": fields}, timeout_s)
+
+    def send(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """One request of any kind of rewards/protocol.py (its id and timeout_s added)
+        -> {"score", "info", "error", "kind"}, as `call`."""
         self.next_id += 1
-        request = {"id": self.next_id, "verifier": verifier, "completion": completion, "fields": fields,
-                   "timeout_s": timeout_s}
+        verifier = request.get("verifier")
+        request = {"id": self.next_id, **request, "timeout_s": timeout_s}
         try:
             frame = encode(request, self.max_frame)
         except (ProtocolError, TypeError, ValueError) as e:
             return _result(0.0, f"request rejected: {e}", "error")
         try:
             fd = self._ensure_open()  # start-up and handshake: outside the call's deadline
+        except VerifierError as e:  # names the peer already
+            self._reset()
+            return _result(0.0, str(e), "error")
         except (ProtocolError, OSError, ValueError, PeerTimeout) as e:
             self._reset()
             return _result(0.0, f"{self.name}: could not start: {str(e) or 'timed out'}", "error")
@@ -109,7 +127,7 @@ class _Peer:
         except (ProtocolError, OSError, ValueError) as e:
             self._reset()
             return _result(0.0, f"{self.name}: {e}", "error")
-        info = response.get("info") or {}
+        info = plain(response.get("info") or {})  # bytes from a program: never a crash further on
         if response.get("error") is not None:
             return _result(0.0, str(response["error"]), "error", info)
         score = float(response["score"])
@@ -128,29 +146,40 @@ class _Peer:
     def close(self) -> None: ...
 
 
-class ProcessPeer(_Peer):
+class ProcessPeer(Peer):
     """A verifier program on our stdin/stdout pipes, in its own process group.
     `handshake`: the program writes one {"ready": true} frame once it can serve
-    (our own verifier process does; external programs may opt in)."""
+    (our own verifier process does; external programs may opt in). `env`: its
+    environment, HOME excepted (default: rewards/spawn.py's minimal one)."""
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = "verifier process",
                  handshake: bool = False, start_timeout_s: float = START_TIMEOUT_S, **kw) -> None:
         super().__init__(**kw)
-        self.argv, self.env, self.name = argv, env, name
+        self.argv, self.name = argv, name
+        self.env = minimal_env() if env is None else {k: v for k, v in env.items() if k != "HOME"}
         self.handshake, self.start_timeout_s = handshake, start_timeout_s
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        """Start the program (and wait for its ready frame); a no-op when it runs."""
+        """Start the program (and wait for its ready frame); a no-op when it runs. A
+        program that cannot start or announce itself -> VerifierError naming it (OSError
+        when it cannot be executed)."""
         if self.proc is not None:
             return
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**self.env, "HOME": throwaway_home()}, start_new_session=True,
+                                     preexec_fn=die_with_parent())
         os.set_blocking(self.proc.stdin.fileno(), False)
         if self.handshake:
-            hello = read_frame_by(self.proc.stdout.fileno(), time.monotonic() + self.start_timeout_s, self.max_frame)
+            try:
+                hello = read_frame_by(self.proc.stdout.fileno(), time.monotonic() + self.start_timeout_s, self.max_frame)
+            except (ProtocolError, PeerTimeout) as e:
+                self.close()
+                why = str(e) or f"no ready frame within {self.start_timeout_s:g} s"
+                raise VerifierError(f"{self.name} did not start: {why}") from None
             if hello.get("ready") is not True:
-                raise ProtocolError(f"expected a ready frame, got {hello!r}")
+                self.close()
+                raise VerifierError(f"{self.name}: {hello.get('error') or f'expected a ready frame, got {hello!r}'}")
 
     def _ensure_open(self) -> int:
         self.start()
@@ -168,7 +197,10 @@ class ProcessPeer(_Peer):
             os.killpg(self.proc.pid, signal.SIGKILL)  # it and anything it started
         except (ProcessLookupError, PermissionError):
             pass
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=REAP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # stuck in the kernel: give up on it, never hang the worker
+            print(f"{self.name}: pid {self.proc.pid} still there {REAP_TIMEOUT_S:g} s after SIGKILL", file=sys.stderr)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
@@ -177,13 +209,12 @@ class ProcessPeer(_Peer):
         self.proc = None
 
 
-class SocketPeer(_Peer):
+class SocketPeer(Peer):
     """A verifier server at host:port speaking the same frames over TCP."""
 
     def __init__(self, address: str, name: str | None = None, connect_timeout_s: float = 5.0, **kw) -> None:
         super().__init__(**kw)
-        host, _, port = address.rpartition(":")
-        self.address, self.port = host, int(port)
+        self.address, self.port = split_address(address)
         self.name = name or f"verifier server {address}"
         self.connect_timeout_s = connect_timeout_s
         self.sock: socket.socket | None = None

@@ -1,20 +1,35 @@
 """The verifier wire protocol: length-prefixed msgpack frames.
 
 A frame is a 4-byte big-endian unsigned length followed by that many bytes of one
-msgpack map. Requests: {"id": int, "verifier": str, "completion": str, "fields": map}.
-Responses: {"id": int, "score": float, "info": map, "error": str | nil}.
-Over stdin/stdout of a child process or over a TCP connection, both directions.
-Nothing is ever unpickled: msgpack carries only plain data.
+msgpack map. Over stdin/stdout of a child process or over a TCP connection, both
+directions. Nothing is ever unpickled: msgpack carries only plain data.
+
+A request has an integer "id", the "verifier" it is for, an optional "timeout_s" (the
+call's budget) and a "kind" (absent: "score"); each kind has its own fields:
+
+    score            {"completion": str, "fields": map}
+                     -> the verifier's score of the completion (rewards/api.py)
+    answer_classes   {"answers": [[str | nil]]}
+                     -> info {"classes": [[int | nil]]}: the verifier's answer_classes
+                        (rewards/api.py) of each list of answers; score 0
+
+Responses: {"id": int, "score": float, "info": map, "error": str | nil}. Every verifier
+serves "score"; "answer_classes" is served by our own verifier process (rewards/child.py),
+and a program that does not serve a kind answers it with an error.
 """
 from __future__ import annotations
 
+import numbers
 import struct
 from typing import Any, BinaryIO
 
 import msgpack
 
 MAX_FRAME_BYTES = 16 * 2**20
-_HEADER = struct.Struct(">I")
+HEADER = struct.Struct(">I")
+"""The length prefix of a frame."""
+SCORE = "score"
+ANSWER_CLASSES = "answer_classes"
 
 
 class ProtocolError(Exception):
@@ -25,7 +40,28 @@ def encode(obj: dict[str, Any], max_bytes: int = MAX_FRAME_BYTES) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     if len(body) > max_bytes:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds the limit of {max_bytes}")
-    return _HEADER.pack(len(body)) + body
+    return HEADER.pack(len(body)) + body
+
+
+def plain(obj: Any, depth: int = 0) -> Any:
+    """`obj` as plain data that msgpack, JSON and the rollout record all carry: bytes
+    decoded (invalid UTF-8 as \\x escapes), tuples and sets as lists, map keys and
+    integers msgpack cannot hold as text, anything else (and what is nested past 32
+    levels) as its repr, cut. For what verifiers report in `info`: never a reason to
+    fail a sample."""
+    if obj is None or isinstance(obj, (bool, str, float)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj) if -2**63 <= obj < 2**64 else str(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", "backslashreplace")
+    if depth < 32 and isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(plain(k, depth + 1)): plain(v, depth + 1) for k, v in obj.items()}
+    if depth < 32 and isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain(v, depth + 1) for v in obj]
+    return repr(obj)[:200]
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -54,10 +90,10 @@ def read_exact(stream: BinaryIO, n: int) -> bytes | None:
 
 def read_frame(stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any] | None:
     """The next frame's map, or None at end of stream."""
-    header = read_exact(stream, _HEADER.size)
+    header = read_exact(stream, HEADER.size)
     if header is None:
         return None
-    (length,) = _HEADER.unpack(header)
+    (length,) = HEADER.unpack(header)
     if length > max_bytes:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_bytes}")
     body = read_exact(stream, length)
@@ -71,15 +107,32 @@ def write_frame(stream: BinaryIO, obj: dict[str, Any], max_bytes: int = MAX_FRAM
     stream.flush()
 
 
+def _check_score(obj: dict[str, Any]) -> None:
+    if not isinstance(obj.get("completion"), str):
+        raise ProtocolError("request needs a string 'completion'")
+    if not isinstance(obj.get("fields", {}), dict):
+        raise ProtocolError("request 'fields' must be a map")
+
+
+def _check_answer_classes(obj: dict[str, Any]) -> None:
+    answers = obj.get("answers")
+    if not isinstance(answers, list) or not all(isinstance(a, list) for a in answers):
+        raise ProtocolError("request needs 'answers', a list of lists")
+
+
+REQUEST_KINDS = {SCORE: _check_score, ANSWER_CLASSES: _check_answer_classes}
+"""Request kind -> the check of its own fields."""
+
+
 def check_request(obj: dict[str, Any]) -> None:
     if not isinstance(obj.get("id"), int):
         raise ProtocolError("request needs an integer 'id'")
     if not isinstance(obj.get("verifier"), str):
         raise ProtocolError("request needs a string 'verifier'")
-    if not isinstance(obj.get("completion"), str):
-        raise ProtocolError("request needs a string 'completion'")
-    if not isinstance(obj.get("fields", {}), dict):
-        raise ProtocolError("request 'fields' must be a map")
+    kind = obj.get("kind", SCORE)
+    if not isinstance(kind, str) or kind not in REQUEST_KINDS:
+        raise ProtocolError(f"unknown request kind {kind!r}; known: {sorted(REQUEST_KINDS)}")
+    REQUEST_KINDS[kind](obj)
 
 
 def check_response(obj: dict[str, Any], expected_id: int) -> None:

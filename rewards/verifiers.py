@@ -1,4 +1,5 @@
-"""Built-in verifiers, registered by short name. The signature is in rewards/api.py.
+"""Built-in verifiers, registered by short name. The contract (the signature and the
+optional `answer_classes` and `correctness_priority`) is in rewards/api.py.
 
 accuracy   exact match of the extracted answer (numbers as exact rationals): cheap
 math       math-verify equivalence (LaTeX, sets, intervals, matrices, relations, ...)
@@ -12,20 +13,30 @@ language   R1's language consistency: share of the chain of thought in one scrip
 from __future__ import annotations
 
 import ast
+import operator
 import re
 import unicodedata
 from fractions import Fraction
 from typing import Any, Callable
 
-from rewards.api import Score
+from rewards.score import Score
 
 VERIFIERS: dict[str, Callable[..., Any]] = {}
+OPTIONAL_ATTRIBUTES = ("answer_classes", "correctness_priority")
+"""What a verifier may offer beyond its signature (rewards/api.py)."""
 
 
-def register(name: str) -> Callable:
+def register(name: str, **attributes: Any) -> Callable:
+    """Register a built-in verifier as `name`, with the contract's optional attributes."""
+    unknown = set(attributes) - set(OPTIONAL_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"verifier {name!r}: unknown attributes {sorted(unknown)}; known: {OPTIONAL_ATTRIBUTES}")
+
     def deco(fn):
         if name in VERIFIERS:
             raise ValueError(f"verifier {name!r} is already registered")
+        for key, value in attributes.items():
+            setattr(fn, key, value)
         VERIFIERS[name] = fn
         return fn
 
@@ -78,13 +89,52 @@ def _number(text: str) -> Fraction | None:
         return None
 
 
+# ------------------------------------------------------- answer equivalence
+def _plain_key(answer: str) -> Any:
+    number = _number(answer)
+    return number if number is not None else answer.strip()
+
+
+def group_answers(answers: list[str | None], key: Callable[[str], Any] = _plain_key,
+                  same: Callable[[Any, Any], bool] = operator.eq) -> list[int | None]:
+    """Each answer -> the index of the first answer equal to it (None: no answer), two
+    answers being equal when `same(key(a), key(b))`. With the defaults, the contract's
+    default `answer_classes`: numbers as exact rationals (2 = 2.0 = 4/2), else stripped text."""
+    reps: list[tuple[int, Any]] = []  # (class, key)
+    out: list[int | None] = []
+    for i, answer in enumerate(answers):
+        if not answer:
+            out.append(None)
+            continue
+        k = key(answer)
+        found = next((c for c, other in reps if same(k, other)), None)
+        if found is None:
+            found = i
+            reps.append((i, k))
+        out.append(found)
+    return out
+
+
+def classes_of(verifier: Callable[..., Any] | None) -> Callable[[list[str | None]], list[int | None]]:
+    """The verifier's `answer_classes`, or the contract's default."""
+    return getattr(verifier, "answer_classes", None) or group_answers
+
+
+def answer_classes(verifier: str, answers: list[str | None]) -> list[int | None]:
+    """Group extracted answers as the registered verifier `verifier` sees them (the
+    default for any other name): `accuracy` compares numbers as exact rationals, `math`
+    with math-verify (1/2 = 0.5 = \\frac{1}{2}). Call it inside a verifier process
+    (math-verify may hang on model-written input)."""
+    return classes_of(VERIFIERS.get(verifier))(answers)
+
+
 # ------------------------------------------------------------------- verifiers
 @register("format")
 def format_reward(completion: str, fields: dict) -> float:
     return 1.0 if _FORMAT.fullmatch(completion) else 0.0
 
 
-@register("accuracy")
+@register("accuracy", answer_classes=group_answers, correctness_priority=1)
 def accuracy_reward(completion: str, fields: dict) -> Score:
     answer = extract_answer(completion)
     if not answer:
@@ -106,7 +156,18 @@ def _math_parse(text: str):
     return parsed or parse(text, extraction_config=configs)
 
 
-@register("math")
+def _math_same(a: Any, b: Any) -> bool:
+    from math_verify import verify
+
+    return bool(a) and bool(b) and bool(verify(a, b))
+
+
+def _math_classes(answers: list[str | None]) -> list[int | None]:
+    """Answers equal under math-verify (1/2 = 0.5 = \\frac{1}{2}), each parsed once."""
+    return group_answers(answers, _math_parse, _math_same)
+
+
+@register("math", answer_classes=_math_classes, correctness_priority=2)
 def math_reward(completion: str, fields: dict) -> Score:
     """math-verify equivalence of the extracted answer and the row's `answer`."""
     from math_verify import verify
@@ -170,43 +231,6 @@ def code_reward(completion: str, fields: dict, **limits) -> Score:
         return Score(0.0, {"reason": "no python block"})
     passed, info = run_tests(program, fields["tests"], **limits)
     return Score(passed / max(len(fields["tests"]), 1), info)
-
-
-# ------------------------------------------------------- answer equivalence
-def answer_classes(verifier: str, answers: list[str | None]) -> list[int | None]:
-    """Group extracted answers by the verifier's own notion of equality, for majority
-    votes: each answer -> the index of the first answer equal to it (None: no answer).
-    `accuracy` compares numbers as exact rationals (2 = 2.0 = 4/2), `math` with
-    math-verify (1/2 = 0.5 = \\frac{1}{2}), anything else as stripped text. Runs inside
-    a verifier process (math-verify may hang on model-written input)."""
-    reps: list[tuple[int, Any]] = []  # (class, key or parsed form)
-    out: list[int | None] = []
-    for i, answer in enumerate(answers):
-        if not answer:
-            out.append(None)
-            continue
-        key = _class_key(verifier, answer)
-        found = next((c for c, other in reps if _same(verifier, key, other)), None)
-        if found is None:
-            found = i
-            reps.append((i, key))
-        out.append(found)
-    return out
-
-
-def _class_key(verifier: str, answer: str) -> Any:
-    if verifier == "math":
-        return _math_parse(answer)
-    number = _number(answer)
-    return number if number is not None else answer.strip()
-
-
-def _same(verifier: str, a: Any, b: Any) -> bool:
-    if verifier == "math":
-        from math_verify import verify
-
-        return bool(a) and bool(b) and bool(verify(a, b))
-    return a == b
 
 
 # --------------------------------------------------------------------- shaping

@@ -43,10 +43,12 @@ def read_cases(stream: TextIO, source: str) -> Iterator[tuple[str, dict[str, Any
 
 
 def run(verifier: str, cases: Iterator[tuple[str, dict[str, Any]]], out: TextIO,
-        args: dict[str, Any], timeout_s: float, external: dict[str, Any]) -> int:
-    """Writes one JSON line per case, in order. -> the number of cases."""
-    cfg = RewardConfig(verifiers={verifier: {"weight": 1.0, "args": args}}, timeout_s=timeout_s,
-                       external=external, cache_size=0, concurrency=1)
+        args: dict[str, Any], timeout_s: float | None, external: dict[str, Any]) -> int:
+    """Writes one JSON line per case, in order. -> the number of cases.
+    `timeout_s` None: the config's default (rewards.timeout_s)."""
+    limit = {} if timeout_s is None else {"timeout_s": timeout_s}
+    cfg = RewardConfig(verifiers={verifier: {"weight": 1.0, "args": args}}, external=external,
+                       cache_size=0, concurrency=1, **limit)
     worker = RewardWorker(cfg)
     count = 0
     try:

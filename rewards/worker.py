@@ -1,11 +1,13 @@
-"""A reward worker (a Ray actor, wrapped by cluster/placement.py): scores groups.
+"""A reward worker (a Ray actor, wrapped by cluster/actors/factory.py): scores groups.
 
 Every verifier call runs in a separate, killable process (rewards/child.py for
 Python verifiers, the configured program or server for external ones), with a
 wall-clock timeout. A hang or crash costs that one sample (score 0, counted in
 reward/timeouts or reward/errors); the process is replaced and scoring goes on.
 A worker keeps `rewards.concurrency` sets of verifier processes and scores that
-many samples at a time.
+many samples at a time. Every process it starts gets a minimal environment (plus the
+variables the config's `env` entries name: rewards/spawn.py), never the worker's own.
+`preflight_external` checks the external verifiers of a config before a run starts.
 """
 from __future__ import annotations
 
@@ -19,14 +21,54 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rewards.config import RewardConfig
-from rewards.peer import ProcessPeer, SocketPeer, _Peer
+from rewards.api import VerifierError
+from rewards.config import ExternalVerifier, RewardConfig
+from rewards.peer import Peer, ProcessPeer, SocketPeer
+from rewards.protocol import ANSWER_CLASSES
+from rewards.spawn import minimal_env
 from rollout.host import node_id, redirect_output_from_env
 from rollout.types import Group
 
 
 def child_argv(specs: dict[str, dict[str, Any]]) -> list[str]:
     return [sys.executable, "-m", "rewards.child", json.dumps(specs)]
+
+
+def child_env(cfg: RewardConfig) -> dict[str, str]:
+    """The environment of our own verifier processes: the minimal one that imports the
+    project and plug-ins (never a user site of the shared throwaway HOME), the variables
+    the Python verifiers' `env` name, and the limits the child applies."""
+    names = [n for name in cfg.verifiers if name not in cfg.external for n in cfg.spec(name).env]
+    return {**minimal_env(names, python=True), "PYTHONNOUSERSITE": "1", "GRPO_VERIFIER_MEMORY_MB": str(cfg.memory_mb),
+            "GRPO_ALLOW_UNSANDBOXED_CODE": "1" if cfg.allow_unsandboxed_code else "0"}
+
+
+def external_peer(name: str, ext: ExternalVerifier) -> Peer:
+    if ext.command is not None:
+        return ProcessPeer(ext.command, env=minimal_env(ext.env), handshake=ext.ready,
+                           name=f"external verifier {name!r}")
+    return SocketPeer(ext.address, name=f"external verifier {name!r} at {ext.address}")
+
+
+def preflight_external(cfg: RewardConfig) -> None:
+    """Start (or connect to) each external verifier of `cfg` once and have it answer one
+    request, as a reward worker would, then stop it: a program that does not exist,
+    exits, hangs, or does not speak the protocol, and a server that does not answer,
+    -> VerifierError naming it, before any actor starts. The probe is a score request of
+    an empty completion with no fields: any answer, an error answer included, passes."""
+    for name, ext in cfg.external.items():
+        peer = external_peer(name, ext)
+        timeout = (cfg.spec(name).timeout_s if name in cfg.verifiers else None) or cfg.timeout_s
+        try:
+            if isinstance(peer, ProcessPeer):
+                peer.start()  # the ready handshake, when configured, has its own deadline
+            result = peer.send({"verifier": ext.verifier or name, "completion": "", "fields": {}}, timeout)
+        except OSError as e:
+            raise VerifierError(f"external verifier {name!r} cannot start {ext.command}: {e}") from None
+        finally:
+            peer.close()
+        if peer.restarts:  # the peer itself failed (an answer, even an error, never resets it)
+            raise VerifierError(f"external verifier {name!r} did not answer a probe request: {result['error']}")
 
 
 class RewardWorker:
@@ -36,7 +78,13 @@ class RewardWorker:
         specs = {name: cfg.spec(name) for name in cfg.verifiers}
         self.weights = {name: spec.weight for name, spec in specs.items()}
         self.timeouts = {name: spec.timeout_s or cfg.timeout_s for name, spec in specs.items()}
-        self.slots: list[dict[str, tuple[_Peer, str]]] = [self._peers(k) for k in range(cfg.concurrency)]
+        self.slots: list[dict[str, tuple[Peer, str]]] = []
+        try:
+            for k in range(cfg.concurrency):
+                self.slots.append(self._peers(k))
+        except BaseException:  # a verifier that cannot start: stop the ones that did
+            self.close()
+            raise
         self._free: queue.Queue[int] = queue.Queue()
         for k in range(cfg.concurrency):
             self._free.put(k)
@@ -44,24 +92,18 @@ class RewardWorker:
         self.cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._cache_lock = threading.Lock()
 
-    def _peers(self, slot: int) -> dict[str, tuple[_Peer, str]]:
+    def _peers(self, slot: int) -> dict[str, tuple[Peer, str]]:
         """One set of verifier peers: verifier name -> (peer, the name it answers to)."""
         cfg, peers = self.cfg, {}
         internal = {name: {"target": name, "args": cfg.spec(name).args}
                     for name in cfg.verifiers if name not in cfg.external}
         if internal:
-            env = {**os.environ, "GRPO_VERIFIER_MEMORY_MB": str(cfg.memory_mb),
-                   "GRPO_ALLOW_UNSANDBOXED_CODE": "1" if cfg.allow_unsandboxed_code else "0"}
-            peer = ProcessPeer(child_argv(internal), env=env, handshake=True,
+            peer = ProcessPeer(child_argv(internal), env=child_env(cfg), handshake=True,
                                name=f"reward worker {self.index} verifier process {slot}")
-            peer.start()  # imports happen while the generators work
+            peer.start()  # imports happen while the generators work (a failed start closes itself)
             peers.update({name: (peer, name) for name in internal})
         for name, ext in cfg.external.items():
-            if ext.command is not None:
-                peer = ProcessPeer(ext.command, handshake=ext.ready, name=f"external verifier {name!r}")
-            else:
-                peer = SocketPeer(ext.address, name=f"external verifier {name!r} at {ext.address}")
-            peers[name] = (peer, ext.verifier or name)
+            peers[name] = (external_peer(name, ext), ext.verifier or name)
         return peers
 
     def verify(self, name: str, completion: str, fields: dict[str, Any], slot: int = 0) -> dict[str, Any]:
@@ -108,19 +150,18 @@ class RewardWorker:
 
     def answer_classes(self, verifier: str, answers: list[list[str | None]]) -> list[list[int | None]]:
         """Equivalence classes of each prompt's extracted answers under `verifier`'s notion
-        of equality (rewards.verifiers.answer_classes), computed in a verifier process."""
-        from rewards.child import CLASSES
-
-        peer = next((p for p, _ in self.slots[0].values() if isinstance(p, ProcessPeer) and p.handshake), None)
-        if peer is None:
+        of equality (its `answer_classes`, rewards/api.py), computed in a verifier process."""
+        internal = [name for name in self.cfg.verifiers if name not in self.cfg.external]
+        if not internal:
             raise ValueError("answer classes need one built-in verifier in rewards.verifiers")
-        result = peer.call(CLASSES, "", {"verifier": verifier, "answers": answers},
+        peer, _ = self.slots[0][internal[0]]  # our own verifier process: it serves this request kind
+        result = peer.send({"kind": ANSWER_CLASSES, "verifier": verifier, "answers": answers},
                            self.cfg.timeout_s * max(1, len(answers)))
         if result["error"]:
             raise RuntimeError(f"reward worker {self.index}: {result['error']}")
         return result["info"]["classes"]
 
-    def _unique_peers(self) -> list[_Peer]:
+    def _unique_peers(self) -> list[Peer]:
         return list({id(p): p for slot in self.slots for p, _ in slot.values()}.values())
 
     def restarts(self) -> int:
@@ -139,8 +180,11 @@ class RewardWorker:
 
 
 def _info(result: dict[str, Any]) -> dict[str, Any]:
-    """What a verifier reported about one sample, with its error if any."""
+    """What a verifier reported about one sample, with its error if any. `error` is ours
+    (rewards/api.py): a verifier's own is kept as `verifier_error`."""
     info = dict(result.get("info") or {})
+    if "error" in info:
+        info["verifier_error"] = info.pop("error")
     if result.get("error"):
         info["error"] = result["error"]
     return info

@@ -7,12 +7,13 @@ import ray
 
 
 class GeneratorsClient:
-    """Fans the four weight-sync calls out to every generator actor, each with a deadline.
+    """Fans the four weight-sync calls out to every generator actor, each with a deadline
+    (timeout_s: the sync section's).
 
     vLLM's stock client gives every engine rank_offset=1, so two engines' ranks
     collide; here engine i gets 1 + (sum of the worker counts before it)."""
 
-    def __init__(self, generators: list[Any], engine_world_sizes: list[int], timeout_s: float = 60.0) -> None:
+    def __init__(self, generators: list[Any], engine_world_sizes: list[int], timeout_s: float) -> None:
         self.generators, self.timeout_s = generators, timeout_s
         self.offsets = [1 + sum(engine_world_sizes[:i]) for i in range(len(generators))]
         self.world_size = 1 + sum(engine_world_sizes)

@@ -8,9 +8,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated
-    on assignment too, so an override can never smuggle in a wrong type."""
+    on assignment too, so an override can never smuggle in a wrong type; a number is
+    never NaN or infinite, and a boolean is never taken for a number (`run.steps=true`
+    is an error, not 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value, info):
+        if isinstance(value, bool):
+            annotation = str(cls.model_fields[info.field_name].annotation)
+            if ("int" in annotation or "float" in annotation) and "bool" not in annotation:
+                raise ValueError(f"expected a number, got the boolean {value}")
+        return value
 
 
 class RolloutConfig(Section):

@@ -98,7 +98,7 @@ class CollectiveInitInfo(WeightTransferInitInfo):
     rank_offset: int
     world_size: int
     backend: str
-    timeout_s: float = 300.0
+    timeout_s: float  # sync.timeout_s, sent by the learner
 
 
 @dataclass

@@ -1,12 +1,59 @@
+"""The one conftest of the suite: fixtures used across the tiers, the guard that keeps
+Ray out of tests/unit, and the order the tiers run in (unit, integration, e2e).
+
+tests/unit         pure functions, config and data parsing, CLI fast-fail checks, fakes
+                   of our own small interfaces: no Ray, no vLLM, no DeepSpeed engine;
+tests/integration  real Ray, real vLLM (CPU), real DeepSpeed, real verifier processes,
+                   on the tiny model;
+tests/e2e          the real CLI: full runs, `ray job submit`, chaos runs, multi-node.
+Shared helpers live in tests/helpers.py (test modules never import each other)."""
 import os
-import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import FULL_RUN, grpo, placed
+
 # Loopback-only local heads in tests need no token auth.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "e2e")
+
+
+class RayInUnitTier(RuntimeError):
+    """A unit test tried to start (or join) Ray."""
+
+
+def pytest_collection_modifyitems(items):
+    """Cheapest tier first (a broken unit fails in the first minute); a stable sort,
+    so each module's tests stay together and in order (module fixtures set up once)."""
+    items.sort(key=lambda item: TIERS.index(_tier(item)) if _tier(item) in TIERS else len(TIERS))
+
+
+def _tier(item) -> str:
+    """The tier folder a test lives in ("" outside tests/)."""
+    path = Path(str(item.path)).resolve()
+    return path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else ""
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_starts_no_ray(request, monkeypatch):
+    """Under tests/unit any ray.init, called or reached through Ray's auto-init (ray.put,
+    ray.get, .remote() on an actor class), raises instead of starting Ray."""
+    if _tier(request.node) != "unit":
+        yield
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RayInUnitTier(f"the unit tier starts no Ray ({request.node.nodeid} called ray.init); "
+                            "a test that needs Ray belongs in tests/integration")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -24,50 +71,23 @@ def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-# The short real run that several tests read (the CLI end to end, the resume test's
-# uninterrupted reference): run once per session.
-FULL_RUN = [
-    "model.cold_start.steps=150", "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2",
-    "run.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7", "learner.lr=1e-3",
-    "run.progress=false", "cluster.num_cpus=2", "run.loggers=[jsonl,tensorboard]",
-    "run.max_staleness=0",  # synchronous: the resume test compares parameters exactly
-]
-
-
-def grpo(*args: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "cluster.cli", *args]
-
-
 @pytest.fixture(scope="session")
 def full_run(runs_dir):
     """-> (run directory, the CLI's CompletedProcess) of `grpo train` with FULL_RUN."""
-    import subprocess
-
     proc = subprocess.run(grpo("train", *FULL_RUN, "run.name=full", f"run.output_dir={runs_dir}"),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs_dir / "full", proc
 
 
-def placed(overrides: list[str]):
-    """A config whose automatic resource shares are filled in from a (started) local Ray
-    of 2 CPUs, checked to fit: what `grpo train` does before it creates actors."""
-    from cluster.config import load_config
-    from cluster.commands.train import place
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray of 2 CPUs for one module, started as `grpo train` starts it (through
+    the placement: the same runtime env, logging and resources as a run), shut down
+    after the module. Module-scoped: modules that build their own actors on it, or
+    whose fixtures shut Ray down, each get a fresh one."""
+    import ray
 
-    return place(load_config(None, ["cluster.num_cpus=2", *overrides]), log=lambda msg: None)
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of a session: a CLI run started with start_new_session=True
-    and the local Ray it started (only ours: never `ray stop`, which stops every Ray)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.getsid(int(pid)) == sid:
-                os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    placed([])
+    yield
+    ray.shutdown()

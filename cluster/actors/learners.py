@@ -6,28 +6,30 @@ from typing import Any
 
 import ray
 
-from cluster.config import Config
+from cluster.actors.faults import LearnerFault, is_actor_gone
+from learner.checkpoint_engine import UnsafeCheckpoint
+from learner.config import LearnerConfig
 from learner.schedule import StepPlan, micro_and_accumulation, plan_step
+from rollout.config import WeightSyncConfig
 from rollout.types import Group
 
 
 class LearnerGroup:
-    def __init__(self, ranks: list[Any], placement_group: Any, cfg: Config) -> None:
-        self.ranks, self.placement_group, self.cfg = ranks, placement_group, cfg
-        sequences = cfg.run.prompts_per_step * cfg.rollout.n
+    def __init__(self, ranks: list[Any], placement_group: Any, learner: LearnerConfig, sync: WeightSyncConfig,
+                 sequences_per_step: int, step_timeout_s: float) -> None:
+        self.ranks, self.placement_group = ranks, placement_group
+        self.learner, self.sync, self.step_timeout_s = learner, sync, step_timeout_s
         self.micro, self.accumulation = micro_and_accumulation(
-            sequences, len(ranks), cfg.learner.updates_per_step, cfg.learner.micro_batch_size)
+            sequences_per_step, len(ranks), learner.updates_per_step, learner.micro_batch_size)
 
     def plan(self, groups: list[Group]) -> StepPlan:
         """The step's schedule, made once here and handed to every rank."""
-        return plan_step(sum(len(g.samples) for g in groups), len(self.ranks), self.cfg.learner.updates_per_step,
+        return plan_step(sum(len(g.samples) for g in groups), len(self.ranks), self.learner.updates_per_step,
                          self.micro, self.accumulation)
 
     def _get(self, refs: list[Any], what: str, timeout_s: float | None) -> list[Any]:
         """ray.get with a deadline; a rank that died or did not answer is a LearnerFault."""
-        from cluster.actors.supervisor import LearnerFault, is_actor_gone
-
-        timeout_s = timeout_s if timeout_s is not None else self.cfg.faults.step_timeout_s
+        timeout_s = timeout_s if timeout_s is not None else self.step_timeout_s
         try:
             return ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -47,16 +49,16 @@ class LearnerGroup:
 
     def sft(self, examples: list[tuple[list[int], list[int]]], timeout_s: float | None = None) -> dict[str, float]:
         """One supervised step on every rank: (prompt ids, completion ids) pairs."""
-        plan = plan_step(len(examples), len(self.ranks), self.cfg.learner.updates_per_step, self.micro, self.accumulation)
+        plan = plan_step(len(examples), len(self.ranks), self.learner.updates_per_step, self.micro, self.accumulation)
         ref = ray.put(examples)
         return self._get([r.sft_step.remote(ref, plan) for r in self.ranks], "an SFT step", timeout_s)[0]
 
     def connect(self, generators: list[Any]) -> None:
         """Open the weight-transfer group between rank 0 and every generator's workers
         (the other ranks only join ZeRO-3's gathers). Replaces an earlier group."""
-        worlds = ray.get([g.engine_world_size.remote() for g in generators], timeout=self.cfg.sync.timeout_s)
-        self._get([r.connect_generators.remote(generators if i == 0 else None, worlds, self.cfg.sync)
-                   for i, r in enumerate(self.ranks)], "connecting to the generators", self.cfg.sync.timeout_s * 2)
+        worlds = ray.get([g.engine_world_size.remote() for g in generators], timeout=self.sync.timeout_s)
+        self._get([r.connect_generators.remote(generators if i == 0 else None, worlds, self.sync)
+                   for i, r in enumerate(self.ranks)], "connecting to the generators", self.sync.timeout_s * 2)
 
     def push(self, version: int, timeout_s: float | None = None) -> dict[str, float]:
         """Stream the weights to every generator, which then serve `version`."""
@@ -68,8 +70,15 @@ class LearnerGroup:
     def save_checkpoint(self, path: str) -> None:
         self._get([r.save_checkpoint.remote(path) for r in self.ranks], "saving a checkpoint", None)
 
-    def load_checkpoint(self, path: str) -> None:
-        self._get([r.load_checkpoint.remote(path) for r in self.ranks], "loading a checkpoint", None)
+    def load_checkpoint(self, path: str, trust: bool = False) -> None:
+        """Every rank loads its part; a file that would need unpickling arbitrary objects
+        is refused (UnsafeCheckpoint, naming the file) unless `trust`."""
+        try:
+            self._get([r.load_checkpoint.remote(path, trust) for r in self.ranks], "loading a checkpoint", None)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, UnsafeCheckpoint):
+                raise UnsafeCheckpoint(str(e.cause)) from None
+            raise
 
     def kill(self) -> None:
         for r in self.ranks:

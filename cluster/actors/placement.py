@@ -16,19 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig, Config
-from cluster.actors.learners import LearnerGroup
-from learner.learner import Learner
-from rewards.worker import RewardWorker
-from rollout.generator import ENGINE_ENV, Generator
-from rollout.host import CPU_SET_ENV, LOG_FILE_ENV
-
-GENERATOR_CONCURRENCY = 8
-"""Calls a generator actor serves at once (collect long-polls, submissions, weight
-sync, probes): the engine itself is only ever touched by its own loop thread."""
+from rollout.host import CPU_SET_ENV, LOG_FILE_ENV, LOG_MAX_ENV
 
 
 class PlacementError(RuntimeError):
@@ -36,17 +26,21 @@ class PlacementError(RuntimeError):
 
 
 _log_dir: Path | None = None
+_log_max_bytes = 0
 
 
-def set_log_dir(path: Path | None) -> None:
-    """Actors created from now on write what they print to <path>/<actor>.log (None:
-    to Ray's own logs, streamed to the console when Ray was started verbose)."""
-    global _log_dir
-    _log_dir = path
+def set_log_dir(path: Path | None, max_mb: float = 64.0) -> None:
+    """Actors created from now on write what they print to <path>/<actor>.log, each file
+    kept under max_mb by rotation (None: to Ray's own logs, streamed to the console when
+    Ray was started verbose)."""
+    global _log_dir, _log_max_bytes
+    _log_dir, _log_max_bytes = path, int(max_mb * 2**20)
 
 
 def log_env(name: str) -> dict[str, str]:
-    return {LOG_FILE_ENV: str((_log_dir / f"{name}.log").resolve())} if _log_dir is not None else {}
+    if _log_dir is None:
+        return {}
+    return {LOG_FILE_ENV: str((_log_dir / f"{name}.log").resolve()), LOG_MAX_ENV: str(_log_max_bytes)}
 
 
 def start_ray(cfg: ClusterConfig, verbose: bool = False) -> None:
@@ -114,16 +108,16 @@ def learner_only(cfg: Config) -> Config:
     return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"num_generators": 0})})
 
 
-def core_sets(cfg: Config, nodes: list[dict[str, float]]) -> dict[str, list[int]]:
+def core_sets(c: ClusterConfig, num_generators: int, num_ranks: int,
+              nodes: list[dict[str, float]]) -> dict[str, list[int]]:
     """Cores each generator ("generator i") and learner rank ("learner i") pins itself
     to: only on one CPU-only node where every actor gets cores of its own (as many as
     its threads, and at least its CPU share); else nothing is pinned."""
-    c = cfg.cluster
     if not c.pin_cpus or len(nodes) != 1 or c.generator_gpus or c.learner_gpus:
         return {}
     cores = sorted(os.sched_getaffinity(0))
-    wants = [(f"learner {i}", c.learner_threads, c.learner_cpus) for i in range(cfg.learner.num_ranks)]
-    wants += [(f"generator {i}", c.generator_threads, c.generator_cpus) for i in range(cfg.rollout.num_generators)]
+    wants = [(f"learner {i}", c.learner_threads, c.learner_cpus) for i in range(num_ranks)]
+    wants += [(f"generator {i}", c.generator_threads, c.generator_cpus) for i in range(num_generators)]
     if sum(n for _, n, _ in wants) > len(cores) or any(share < n - 1e-6 for _, n, share in wants):
         return {}
     out, at = {}, 0
@@ -184,112 +178,6 @@ def check_fits(roles: list[Role], nodes: list[dict[str, float]]) -> None:
             node[r] -= v
 
 
-def generator_options(cfg: Config, index: int = 0) -> dict[str, Any]:
-    """Ray options of a generator actor (benchmarks give raw engines the same)."""
-    # A variable the user exported wins over our defaults.
-    cores = core_sets(cfg, alive_nodes()).get(f"generator {index}")
-    env = {**ENGINE_ENV, **thread_env(cfg.cluster.generator_threads, cores)}
-    env.update({k: os.environ[k] for k in env if k in os.environ})
-    env.update(log_env(f"generator-{index}"))
-    return {"num_cpus": cfg.cluster.generator_cpus, "num_gpus": cfg.cluster.generator_gpus,
-            "resources": dict(cfg.cluster.generator_resources) or None,
-            "runtime_env": {"env_vars": env}, "max_concurrency": GENERATOR_CONCURRENCY}
-
-
-_tp_groups: dict[int, Any] = {}  # generator index -> its placement group (tensor parallel)
-
-
-def make_generator(model_path: str, cfg: Config, index: int, version: int = 0) -> Any:
-    """A generator actor. With rollout.tensor_parallel_size > 1 (GPUs) it gets a placement
-    group of its own, TP GPU bundles on one node (STRICT_PACK); vLLM's Ray executor puts
-    its TP workers on those bundles (VLLM_RAY_BUNDLE_INDICES), the actor itself needs none.
-    Not run on this project's CPU machines."""
-    options = generator_options(cfg, index)
-    tp = cfg.rollout.tensor_parallel_size
-    if tp > 1:
-        if index in _tp_groups:  # a replacement: the old engine's group goes first
-            ray.util.remove_placement_group(_tp_groups.pop(index))
-        bundle = {"GPU": cfg.cluster.generator_gpus or 1.0, "CPU": cfg.cluster.bundle_cpus,
-                  **cfg.cluster.generator_resources}
-        pg = _tp_groups[index] = placement_group([bundle] * tp, strategy="STRICT_PACK")
-        try:
-            ray.get(pg.ready(), timeout=cfg.cluster.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise PlacementError(f"generator {index}: no node has {tp} bundles of {bundle} free") from None
-        options.update(num_gpus=0, resources=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_capture_child_tasks=True))
-        options["runtime_env"]["env_vars"]["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, range(tp)))
-    return ray.remote(Generator).options(**options).remote(model_path, cfg.rollout, index, version)
-
-
-def make_generators(model_path: str, cfg: Config, version: int = 0) -> list[Any]:
-    return [make_generator(model_path, cfg, i, version) for i in range(cfg.rollout.num_generators)]
-
-
-def make_reward_worker(cfg: Config, index: int) -> Any:
-    return ray.remote(RewardWorker).options(
-        num_cpus=cfg.cluster.reward_cpus, resources=dict(cfg.cluster.reward_resources) or None,
-        runtime_env={"env_vars": log_env(f"reward-worker-{index}")}).remote(cfg.rewards, index)
-
-
-def make_reward_workers(cfg: Config) -> list[Any]:
-    return [make_reward_worker(cfg, i) for i in range(cfg.rewards.num_workers)]
-
-
-@ray.remote
-def _address_and_port(local: bool) -> tuple[str, int]:
-    from vllm.utils.network_utils import get_open_port
-
-    return ("127.0.0.1" if local else ray.util.get_node_ip_address()), get_open_port()
-
-
-def make_learners(model_path: str, cfg: Config, sequences_per_step: int) -> tuple[list[Any], Any]:
-    """All learner ranks in one PACK placement group; rank 0 hosts the rendezvous.
-    -> (rank actors, the placement group: remove it to free their resources)."""
-    n = cfg.learner.num_ranks
-    bundle = {"CPU": cfg.cluster.learner_cpus, **cfg.cluster.learner_resources}
-    if cfg.cluster.learner_gpus:
-        bundle["GPU"] = cfg.cluster.learner_gpus
-    pg = placement_group([bundle] * n, strategy="PACK")  # on as few nodes as fit, spread when they do not
-    try:
-        ray.get(pg.ready(), timeout=cfg.cluster.start_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        ray.util.remove_placement_group(pg)
-        raise PlacementError(f"the cluster cannot place {n} learner rank(s) of {bundle} (PACK) "
-                             f"within cluster.start_timeout_s={cfg.cluster.start_timeout_s:g} s") from None
-    # Rank 0 hosts the DeepSpeed rendezvous: take an address and port on its node
-    # (loopback only for a single rank on a single-node cluster).
-    master_addr, master_port = ray.get(
-        _address_and_port.options(
-            num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        ).remote(n == 1 and len(alive_nodes()) == 1),
-        timeout=cfg.cluster.start_timeout_s,
-    )
-    actor = ray.remote(Learner)
-    dist_backend = "nccl" if cfg.cluster.learner_gpus else "gloo"
-    cores = core_sets(cfg, alive_nodes())
-    learners = [
-        actor.options(
-            num_cpus=cfg.cluster.learner_cpus,
-            num_gpus=cfg.cluster.learner_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": {**thread_env(cfg.cluster.learner_threads, cores.get(f"learner {rank}")),
-                                      **log_env(f"learner-{rank}")}},
-        ).remote(
-            model_path, cfg.learner, rank, n, master_addr, master_port,
-            sequences_per_step, cfg.run.steps, cfg.rollout.temperature, cfg.rollout.max_tokens, dist_backend,
-            cfg.faults.step_timeout_s,
-        )
-        for rank in range(n)
-    ]
-    return learners, pg
-
-
-def make_learner_group(model_path: str, cfg: Config) -> LearnerGroup:
-    ranks, pg = make_learners(model_path, cfg, cfg.run.prompts_per_step * cfg.rollout.n)
-    return LearnerGroup(ranks, pg, cfg)
-
-
 def wait_ready(actors: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """ray.get every actor's ready() within timeout_s; -> name -> its answer. An actor
     that fails to start, or is not up in time, raises PlacementError naming it."""
@@ -306,3 +194,25 @@ def wait_ready(actors: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         except ray.exceptions.RayError as e:
             raise PlacementError(f"{refs[ref]} failed to start: {e}") from e
     return out
+
+
+def place(cfg: Config, log=print, learners: bool = True, verbose: bool = False, generators: bool = True) -> Config:
+    """Start (or join) Ray, fill in the automatic resource shares, and check that the
+    job fits the cluster: a job that cannot be placed fails here, naming the role.
+    learners=False: a command without a learner group (eval); generators=False: one
+    without generators (sft), whose learner ranks then share every core."""
+    start_ray(cfg.cluster, verbose)
+    nodes = alive_nodes()
+    if not generators:
+        cfg = learner_only(cfg)
+    if not learners:
+        cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 0})})
+    cfg = resolve_resources(cfg, nodes)
+    check_fits(demand(cfg), nodes)
+    c = cfg.cluster
+    pinned = core_sets(c, cfg.rollout.num_generators, cfg.learner.num_ranks, nodes)
+    log(f"placement: {cfg.rollout.num_generators} generator(s) x {c.generator_cpus:g} CPU, {cfg.learner.num_ranks} "
+        f"learner rank(s) x {c.learner_cpus:g} CPU, {cfg.rewards.num_workers} reward worker(s) x {c.reward_cpus:g} CPU; "
+        f"{c.generator_threads} / {c.learner_threads} thread(s) per generator / learner rank"
+        + (f"; pinned to cores {pinned}" if pinned else ""))
+    return cfg

@@ -3,32 +3,68 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from rewards.api import correctness_verifier
+from cluster.artifacts.files import RunDirError, write_atomic
 from rollout.types import Group, num_completion_tokens
 
 
 class MetricsLog:
     """metrics.jsonl of a run. keep_steps > 0 (a resume) keeps the rows of the steps
-    up to the checkpoint and drops any written after it (they are done again)."""
+    up to the checkpoint and drops any written after it (they are done again). The
+    fault counters of dropped rows are carried into the next row written: a fault is
+    counted once, however often the steps around it are done again."""
 
-    def __init__(self, path: Path, keep_steps: int = 0) -> None:
+    def __init__(self, path: Path, keep_steps: int = 0, log: Callable[[str], None] = print) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = []
+        self.carried: dict[str, float] = {}
         if keep_steps and path.is_file():
-            old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in old if r["step"] <= keep_steps]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.rows = read_rows(path, log)
+        self.truncate(keep_steps)
 
     def truncate(self, steps: int) -> None:
         """Forget the rows after `steps` (they are done again after a learner restart)."""
+        for row in (r for r in self.rows if r["step"] > steps):
+            for key, value in row.items():
+                if key.startswith("faults/"):
+                    self.carried[key] = self.carried.get(key, 0.0) + value
         self.rows = [r for r in self.rows if r["step"] <= steps]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
+        for key, value in self.carried.items():
+            row[key] = row.get(key, 0.0) + value
+        self.carried = {}
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def read_rows(path: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A torn last line (a crash mid-write) is dropped, and
+    said; any other bad line is an error naming the file and line."""
+    try:
+        lines = path.read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: unreadable ({e})") from None
+    rows = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row with an integer `step`")
+        except ValueError as e:
+            if i == last:
+                log(f"{path}: dropped its torn last line {i + 1} ({len(line)} bytes, left by a crash)")
+                break
+            raise RunDirError(f"{path}:{i + 1}: {e}") from None
+        rows.append(row)
+    return rows
 
 
 def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, Any]:
@@ -48,7 +84,8 @@ def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, An
         out[f"rewards/{name}"] = sum(values) / len(values)
     for stat in ("timeouts", "errors", "cache_hits"):
         out[f"reward/{stat}"] = sum(g.reward_stats[stat] for g in groups)
-    out["accuracy"] = out.get("rewards/accuracy", out.get("rewards/math", float("nan")))
+    judge = correctness_verifier(groups[0].reward_parts)
+    out["accuracy"] = float("nan") if judge is None else out[f"rewards/{judge}"]
     out["format_rate"] = out.get("rewards/format", float("nan"))
     out["kl"] = learner.get("train/kl", 0.0)
     out["clip_frac"] = learner.get("train/clip_frac", 0.0)
@@ -56,7 +93,17 @@ def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, An
     return out
 
 
-def summarize(rows: list[dict[str, Any]], window: int = 5) -> dict[str, Any]:
+def slowest_generator(per_actor: list[dict[str, float]]) -> dict[str, float]:
+    """Generators' take_timings() -> the step's metrics (the slowest generator per phase)."""
+    phases = {"generate/engine": "time/generate_engine", "generate/convert": "time/generate_convert"}
+    out = {key: max(t.get(phase, 0.0) for t in per_actor) for phase, key in phases.items()}
+    sync_phases = ("sync/start", "sync/receive", "sync/finish")  # wait, load and pause are parts of these
+    out["time/sync_generator"] = max(sum(t.get(k, 0.0) for k in sync_phases) for t in per_actor)
+    out["time/sync_pause"] = max(t.get("sync/pause", 0.0) for t in per_actor)
+    return out
+
+
+def summarize_training(rows: list[dict[str, Any]], window: int = 5) -> dict[str, Any]:
     """Accuracy over the first and last `window` steps, and what changed."""
     def mean(key: str, part: list[dict[str, Any]]) -> float:
         values = [r[key] for r in part if key in r]
@@ -93,7 +140,7 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path, evals: list[dict[str, Any]] = ()) -> None:
+def plot_training(rows: list[dict[str, Any]], path: Path, evals: list[dict[str, Any]] = ()) -> None:
     """Eight panels per step: reward, accuracy (with the held-out evaluations), length,
     entropy, KL, clip fraction, the time split, staleness. Past 50 steps each curve is a
     trailing mean (window steps/50, at least 5) over faint raw points."""

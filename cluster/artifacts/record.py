@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import msgpack
 
+from cluster.artifacts.files import write_atomic
 from rollout.types import Group, Sample
 
 FORMAT = "grpo-rollouts/1"
@@ -79,20 +80,18 @@ class Recorder:
         path = self.dir / f"step-{step:06d}.msgpack"
         body = msgpack.packb({"format": FORMAT, "step": step, "policy_version_trained": version, "groups": groups},
                              use_bin_type=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(body)
-        tmp.rename(path)
+        write_atomic(path, body)
         self._bound()
         return path
 
     def truncate(self, step: int) -> None:
         """Forget the steps after `step` (they are done again after a learner restart)."""
-        for path in self.dir.glob("step-*.msgpack"):
-            if int(path.stem.split("-")[1]) > step:
+        for s, path in step_files(self.dir.parent):
+            if s > step:
                 path.unlink()
 
     def _bound(self) -> None:
-        files = sorted(self.dir.glob("step-*.msgpack"))
+        files = [path for _, path in step_files(self.dir.parent)]
         total = sum(f.stat().st_size for f in files)
         while files and total > self.max_bytes and len(files) > 1:
             total -= files[0].stat().st_size
@@ -100,14 +99,30 @@ class Recorder:
 
 
 def read_step(path: Path) -> dict[str, Any]:
-    data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    """A step's record, or ValueError naming the file (truncated, empty, not ours)."""
+    try:
+        data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+    except (OSError, ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
+            msgpack.exceptions.StackError) as e:
+        raise ValueError(f"{path}: not a readable rollout record ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("groups"), list):
         raise ValueError(f"{path}: not a {FORMAT} file")
     return data
 
 
+def step_files(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, file) of every record in RUN/rollouts, by step; files not named
+    step-<number>.msgpack are not records and are ignored."""
+    out = []
+    for path in (run_dir / "rollouts").glob("step-*.msgpack"):
+        number = path.stem.split("-", 1)[1]
+        if number.isdigit():
+            out.append((int(number), path))
+    return sorted(out)
+
+
 def steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "rollouts").glob("step-*.msgpack"))
+    return [s for s, _ in step_files(run_dir)]
 
 
 def load(run_dir: Path, step: int) -> dict[str, Any]:
@@ -120,7 +135,15 @@ def load(run_dir: Path, step: int) -> dict[str, Any]:
 
 
 def to_groups(record: dict[str, Any], trained_only: bool = True) -> list[Group]:
-    """A recorded step -> the Groups the learner trained on (as the learner saw them)."""
+    """A recorded step -> the Groups the learner trained on (as the learner saw them);
+    a record missing a field raises ValueError naming the step."""
+    try:
+        return _groups(record, trained_only)
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"the record of step {record.get('step')} is malformed ({type(e).__name__}: {e})") from None
+
+
+def _groups(record: dict[str, Any], trained_only: bool) -> list[Group]:
     out = []
     for g in record["groups"]:
         if trained_only and not g["trained"]:
@@ -137,6 +160,8 @@ def select(run_dir: Path, step: int | None, mode: str, count: int, verifier: str
            seed: int = 0) -> Iterator[dict[str, Any]]:
     """Samples of one step (default: the last recorded), with their group's context,
     sorted by reward (best/worst) or drawn at random."""
+    if count < 1:
+        raise ValueError(f"the number of samples to show must be at least 1 (got {count})")
     have = steps(run_dir)
     if not have:
         raise FileNotFoundError(f"no recorded rollouts in {run_dir / 'rollouts'} (run.record_rollouts)")

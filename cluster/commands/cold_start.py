@@ -7,8 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+from cluster.actors.placement import alive_nodes, learner_only, resolve_resources, start_ray
+from cluster.commands.sft import SFTSettings, run_sft
 from cluster.config import Config
 from cluster.data import arithmetic_split
+from learner.tiny_model import build_tiny_model
 
 # Bump when the tiny model, tokenizer, task text or cold start change meaning.
 RECIPE_VERSION = 2  # 2: cold start through the learner's DeepSpeed set-up; eval prompts held out
@@ -34,18 +37,14 @@ def prepare_model(cfg: Config, log=print) -> str:
     if (cached / "config.json").is_file():
         log(f"model: cached tiny model {cached}")
         return str(cached.resolve())
-    from cluster.actors import placement
-    from cluster.commands.sft import SFTSettings, run_sft
-    from learner.tiny_model import build_tiny_model
-
     tmp, trained = cached.with_name(cached.name + ".init"), cached.with_name(cached.name + ".tmp")
     for d in (tmp, trained):
         shutil.rmtree(d, ignore_errors=True)
     build_tiny_model(tmp, cfg.model.tiny)
     pairs = [(r["prompt"], r["reference"]) for r in arithmetic_split(cfg.data)["sft"]]
     c = cfg.model.cold_start
-    placement.start_ray(cfg.cluster)
-    resolved = placement.resolve_resources(placement.learner_only(cfg), placement.alive_nodes())
+    start_ray(cfg.cluster)
+    resolved = resolve_resources(learner_only(cfg), alive_nodes())
     log(f"cold start: {c.steps} SFT steps of {c.batch_size} on the built-in task ({len(pairs)} examples)")
     run_sft(resolved, str(tmp), pairs, SFTSettings(c.steps, c.batch_size, c.lr, c.seed), trained, log)
     shutil.rmtree(tmp)

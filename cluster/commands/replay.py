@@ -11,18 +11,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.actors.factory import ActorFactory
+from cluster.actors.placement import place, wait_ready
 from cluster.artifacts import checkpoint
-from cluster.actors import placement
-from cluster.config import Config
 from cluster.artifacts.record import load, to_groups
+from cluster.commands.cold_start import prepare_model
+from cluster.config import Config
 
 COMPARED = ("train/loss", "train/entropy", "train/grad_norm", "train/clip_frac", "train/kl", "train/is_weight_mean")
 
 
-def replay(cfg: Config, run_dir: Path, from_step: int, steps: int, log=print) -> dict[str, Any]:
-    from cluster.commands.train import place
-    from cluster.commands.cold_start import prepare_model
-
+def replay(cfg: Config, run_dir: Path, from_step: int, steps: int, log=print, trust: bool = False) -> dict[str, Any]:
+    """trust: the checkpoint may be unpickled (an older version's)."""
     recorded = {json.loads(line)["step"]: json.loads(line)
                 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()}
     ckpts = [d for d in checkpoint.checkpoint_dirs(run_dir) if int(d.name.split("-")[1]) <= from_step - 1]
@@ -31,12 +31,12 @@ def replay(cfg: Config, run_dir: Path, from_step: int, steps: int, log=print) ->
         load(run_dir, s)  # every step to train must be recorded: fail now, before anything starts
     cfg = place(cfg, log)
     model_path = prepare_model(cfg, log) if cfg.model.path is None else cfg.model.path
-    learners = placement.make_learner_group(model_path, cfg)
+    learners = ActorFactory.for_job(cfg, model_path).learner_group()
     t0 = time.perf_counter()
     try:
-        placement.wait_ready({f"learner rank {i}": r for i, r in enumerate(learners.ranks)}, cfg.cluster.start_timeout_s)
+        wait_ready({f"learner rank {i}": r for i, r in enumerate(learners.ranks)}, cfg.cluster.start_timeout_s)
         if ckpts:
-            checkpoint.restore(learners, ckpts[-1])
+            checkpoint.restore(learners, ckpts[-1], trust)
         log(f"replay: from {ckpts[-1] if ckpts else 'the initial model'} (step {start}); "
             f"steps {start + 1}..{from_step - 1} to get there, then {from_step}..{from_step + steps - 1}")
         rows = []

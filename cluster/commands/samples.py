@@ -1,10 +1,13 @@
-"""Samples, laid out for a terminal: the prompt, the completion with its <think> and
-<answer> parts set apart (and coloured on a terminal), each verifier's score, the
-advantage."""
+"""`grpo samples`: a run's recorded samples, laid out for a terminal: the prompt, the
+completion with its <think> and <answer> parts set apart (and coloured on a terminal),
+each verifier's score, the advantage. Model-written text never reaches the terminal
+raw: control characters (escape sequences that could retitle or clear it) are shown
+escaped."""
 from __future__ import annotations
 
 import re
 import textwrap
+import unicodedata
 from typing import Any
 
 _TAG = re.compile(r"(</?think>|</?answer>)")
@@ -18,6 +21,12 @@ def highlight(text: str, color: bool) -> str:
                                else m.group(1) + _COLORS[m.group(1)]), text)
 
 
+def printable(text: str) -> str:
+    """text with every control or format character but newline and tab escaped (\\x1b)."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co")
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def show_sample(s: dict[str, Any], color: bool = False) -> str:
     scores = ", ".join(f"{name} {value:g}" for name, value in s["scores"].items())
     versions = "+".join(f"v{v}" for v, _ in s["versions"])
@@ -26,8 +35,8 @@ def show_sample(s: dict[str, Any], color: bool = False) -> str:
             f"({scores}) · advantage {s['advantage']:+.3f} · {s['finish_reason']} · {len(s['token_ids'])} tokens · "
             f"{versions} · {state}")
     width = 100
-    body = textwrap.fill(s["text"], width, initial_indent="  ", subsequent_indent="  ", replace_whitespace=False)
-    errors = [f"  ! {name}: {info['error']}" for name, info in s["info"].items() if isinstance(info, dict) and info.get("error")]
+    body = textwrap.fill(printable(s["text"]), width, initial_indent="  ", subsequent_indent="  ", replace_whitespace=False)
+    errors = [f"  ! {name}: {printable(str(info['error']))}" for name, info in s["info"].items() if isinstance(info, dict) and info.get("error")]
     rule = "─" * min(width, len(head))
-    return "\n".join([rule, head, "prompt:", textwrap.indent(s["prompt"], "  "), "completion:", highlight(body, color),
+    return "\n".join([rule, head, "prompt:", textwrap.indent(printable(s["prompt"]), "  "), "completion:", highlight(body, color),
                       *errors])

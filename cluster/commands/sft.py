@@ -1,4 +1,4 @@
-"""Supervised fine-tuning through the learner's own DeepSpeed set-up (ranks, ZeRO
+"""`grpo sft`: supervised fine-tuning through the learner's own DeepSpeed set-up (ranks, ZeRO
 stage, the guarded optimizer, the one schedule for all ranks): the default job's cold
 start, `grpo sft`, and the student's stage of `grpo distill`. Not a second training
 loop: a step is `LearnerGroup.sft`, the loss is the completion tokens' NLL."""
@@ -12,7 +12,9 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from cluster.actors import placement
+from cluster.actors.factory import ActorFactory
+from cluster.actors.placement import wait_ready
+from cluster.artifacts.files import replace_dir, temp_dir_for
 from cluster.config import Config
 
 
@@ -71,12 +73,14 @@ def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, str]], settings
     the result as an HF model directory at out_dir. -> first and last losses, seconds."""
     examples = tokenize(model_path, pairs)
     sft_cfg = sft_config(cfg, settings)
-    group = placement.make_learner_group(model_path, sft_cfg)
+    group = ActorFactory.for_job(sft_cfg, model_path).learner_group()
     try:
-        placement.wait_ready({f"learner rank {i}": r for i, r in enumerate(group.ranks)}, cfg.cluster.start_timeout_s)
+        wait_ready({f"learner rank {i}": r for i, r in enumerate(group.ranks)}, cfg.cluster.start_timeout_s)
         t0 = time.perf_counter()
         losses = train_steps(group, examples, settings)
-        group.save_hf(str(Path(out_dir).resolve()))
+        tmp = temp_dir_for(Path(out_dir))  # a crash while saving leaves no partial model at out_dir
+        group.save_hf(str(tmp.resolve()))
+        replace_dir(tmp, Path(out_dir))
         log(f"sft: {settings.steps} steps in {time.perf_counter() - t0:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     finally:
         group.kill()

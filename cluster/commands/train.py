@@ -1,11 +1,12 @@
-"""The training driver: batch -> train -> push weights -> log -> checkpoint.
+"""`grpo train`, the training driver: batch -> train -> push weights -> log -> checkpoint.
 
-The rollout pipeline (pipeline.py) owns admission, generation, scoring and the
-staleness bound; the supervisor (supervisor.py) replaces generators and reward
-workers that die or hang; placement.py puts the actors on the cluster; learners.py
-runs the ranks as one. A lost learner rank restarts the learner group from the last
-checkpoint, here, and the steps after it are done again. This file is the loop and
-the bookkeeping around it.
+The rollout pipeline (flow/pipeline.py) owns admission, generation, scoring and the
+staleness bound; the supervisor (actors/supervisor.py) probes and replaces
+generators and reward workers that die or hang, and takes over a restarted learner
+group; actors/placement.py and actors/factory.py put the actors on the cluster;
+actors/learners.py runs the ranks as one. A lost learner rank restarts the learner
+group from the last checkpoint, here, and the steps after it are done again. This
+file is the loop and the bookkeeping around it.
 """
 from __future__ import annotations
 
@@ -17,17 +18,25 @@ from typing import Any
 
 import ray
 
+from cluster.actors.factory import ActorFactory
+from cluster.actors.faults import LearnerFault
+from cluster.actors.learners import LearnerGroup
+from cluster.actors.placement import PlacementError, place, set_log_dir, wait_ready
+from cluster.actors.supervisor import Supervisor
 from cluster.artifacts import checkpoint
-from cluster.actors import placement
+from cluster.artifacts.files import make_run_dir, replace_dir, run_dir_for, temp_dir_for, write_atomic
+from cluster.artifacts.loggers import Loggers, check_available
+from cluster.artifacts.metrics import MetricsLog, plot_training, slowest_generator, step_metrics, summarize_training
+from cluster.artifacts.record import Recorder, batch_records
+from cluster.commands.cold_start import prepare_model
+from cluster.commands.evaluate import evaluate
 from cluster.config import Config, ConfigError, dump_config
 from cluster.data import PromptStream, apply_template, eval_rows, rl_rows
-from cluster.actors.learners import LearnerGroup
-from cluster.artifacts.metrics import MetricsLog, plot, step_metrics, summarize
-from cluster.commands.cold_start import prepare_model
-from cluster.artifacts.loggers import Loggers, check_available
 from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
-from cluster.artifacts.record import Recorder, batch_records
-from cluster.actors.supervisor import LearnerFault, Supervisor
+from cluster.flow.reward_pool import reward_deadline_s
+from rewards.api import ErrorStreak, is_import_path, resolve
+from rewards.sandbox import sandbox_mode
+from rewards.worker import preflight_external
 
 
 @dataclass
@@ -39,70 +48,38 @@ class Actors:
     """What each actor's ready() answered (node, pid), by name."""
 
 
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.output_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    return run_dir
-
-
-def start_actors(cfg: Config, model_path: str, version: int = 0) -> Actors:
-    """Start every actor of a checked, resolved config (see `place`) and wait, with a
+def start_actors(factory: ActorFactory, start_timeout_s: float, version: int = 0) -> Actors:
+    """Start every actor of a checked, resolved job (placement.place) and wait, with a
     deadline, until all are up."""
-    generators = placement.make_generators(model_path, cfg, version)
-    rewarders = placement.make_reward_workers(cfg)
-    learners = placement.make_learner_group(model_path, cfg)
+    generators = factory.generators(version)
+    rewarders = factory.reward_workers()
+    learners = factory.learner_group()
     named = {**{f"generator {i}": g for i, g in enumerate(generators)},
              **{f"reward worker {i}": w for i, w in enumerate(rewarders)},
              **{f"learner rank {i}": r for i, r in enumerate(learners.ranks)}}
-    info = placement.wait_ready(named, cfg.cluster.start_timeout_s)
+    info = wait_ready(named, start_timeout_s)
     learners.connect(generators)
     return Actors(generators, rewarders, learners, info)
-
-
-def place(cfg: Config, log=print, learners: bool = True, verbose: bool = False, generators: bool = True) -> Config:
-    """Start (or join) Ray, fill in the automatic resource shares, and check that the
-    job fits the cluster: a job that cannot be placed fails here, naming the role.
-    learners=False: a command without a learner group (eval); generators=False: one
-    without generators (sft), whose learner ranks then share every core."""
-    placement.start_ray(cfg.cluster, verbose)
-    nodes = placement.alive_nodes()
-    if not generators:
-        cfg = placement.learner_only(cfg)
-    if not learners:
-        cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 0})})
-    cfg = placement.resolve_resources(cfg, nodes)
-    placement.check_fits(placement.demand(cfg), nodes)
-    c = cfg.cluster
-    pinned = placement.core_sets(cfg, nodes)
-    log(f"placement: {cfg.rollout.num_generators} generator(s) x {c.generator_cpus:g} CPU, {cfg.learner.num_ranks} "
-        f"learner rank(s) x {c.learner_cpus:g} CPU, {cfg.rewards.num_workers} reward worker(s) x {c.reward_cpus:g} CPU; "
-        f"{c.generator_threads} / {c.learner_threads} thread(s) per generator / learner rank"
-        + (f"; pinned to cores {pinned}" if pinned else ""))
-    return cfg
 
 
 def pipeline_settings(cfg: Config) -> PipelineSettings:
     return PipelineSettings(prompts_per_step=cfg.run.prompts_per_step, n=cfg.rollout.n,
                             max_staleness=cfg.run.max_staleness, dynamic_sampling=cfg.run.dynamic_sampling,
                             max_sampling_rounds=cfg.run.max_sampling_rounds, seed=cfg.run.seed,
-                            total_steps=cfg.run.steps)
+                            total_steps=cfg.run.steps,
+                            reward_deadline_s=reward_deadline_s(cfg.rewards, cfg.rollout.n, cfg.faults.health_timeout_s))
 
 
 def preflight(cfg: Config) -> list[dict]:
     """Everything that can be checked before an actor starts: the dataset's rows, that
     every verifier named by import path imports, and that model-written code can run."""
-    from rewards.api import is_import_path, resolve
-
     rows = rl_rows(cfg.data)
     check_available(cfg.run.loggers)
+    preflight_external(cfg.rewards)  # each external verifier started (or reached) and answering
     for name in cfg.rewards.verifiers:
         if is_import_path(name) and name not in cfg.rewards.external:
             resolve(name)
     if "code" in cfg.rewards.verifiers and not cfg.rewards.allow_unsandboxed_code:
-        from rewards.sandbox import sandbox_mode
-
         if sandbox_mode() != "bwrap":
             raise ConfigError("rewards.verifiers: `code` runs model-written programs, and bubblewrap is not available "
                               "here; install it, or set rewards.allow_unsandboxed_code=true (no filesystem or network "
@@ -118,22 +95,24 @@ def eval_prompts(cfg: Config) -> list[dict]:
     return rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
 
 
-def train(cfg: Config, log=print, resume: Path | None = None, verbose: bool = True) -> dict[str, Any]:
+def train(cfg: Config, log=print, resume: Path | None = None, verbose: bool = True,
+          trust_checkpoint: bool = False) -> dict[str, Any]:
     """Run (or, with `resume`, continue from the run directory's last checkpoint) a job.
-    Not verbose: what the actors print goes to RUN/logs/, one file per actor."""
-    run = Run(cfg, log, resume, verbose)
+    Not verbose: what the actors print goes to RUN/logs/, one file per actor.
+    trust_checkpoint: the resumed checkpoint may be unpickled (an older version's)."""
+    run = Run(cfg, log, resume, verbose, trust_checkpoint)
     step = run.state["step"]
     run.maybe_evaluate(step)
     while step < run.cfg.run.steps:
         try:
             row = run.step(step)  # batch -> train -> push weights -> publish
+            row.update(run.maybe_evaluate(step + 1))
+            run.log_step(row)
+            if run.cfg.run.checkpoint_every and (step + 1) % run.cfg.run.checkpoint_every == 0:
+                run.checkpoint(step + 1)  # a rank lost while saving is a learner fault like any other
         except LearnerFault as fault:
             step = run.restart_learners(str(fault))  # from the last checkpoint: its steps are done again
             continue
-        row.update(run.maybe_evaluate(step + 1))
-        run.log_step(row)
-        if run.cfg.run.checkpoint_every and (step + 1) % run.cfg.run.checkpoint_every == 0:
-            run.checkpoint(step + 1)
         step += 1
     return run.finish()
 
@@ -141,20 +120,22 @@ def train(cfg: Config, log=print, resume: Path | None = None, verbose: bool = Tr
 class Run:
     """A training job's actors and bookkeeping, around the loop in `train`."""
 
-    def __init__(self, cfg: Config, log, resume: Path | None, verbose: bool = True) -> None:
+    def __init__(self, cfg: Config, log, resume: Path | None, verbose: bool = True, trust: bool = False) -> None:
         self.rows = preflight(cfg)
         self.eval_rows = eval_prompts(cfg)
-        self.state = {"step": 0, "cursor": 0, "policy_version": 0}
+        self.state = checkpoint.initial_state()
         found = None
-        if resume is not None:
-            found = checkpoint.latest(resume)
+        if resume is not None:  # everything about the run directory is checked before Ray starts
+            found = checkpoint.latest(resume, log)
             if found is None:
                 raise FileNotFoundError(f"--resume: no complete checkpoint under {resume / 'checkpoints'}")
             self.state = found[1]
+            self.metrics = MetricsLog(resume / "metrics.jsonl", keep_steps=self.state["step"], log=log)
+        new_dir = None if resume else run_dir_for(cfg, log)
         self.log, asked = log, cfg
         self.cfg = cfg = place(cfg, log, verbose=verbose)  # before anything is built or written
-        self.run_dir = resume or make_run_dir(cfg)
-        placement.set_log_dir(None if verbose else self.run_dir / "logs")
+        self.run_dir = resume or make_run_dir(new_dir, cfg)
+        set_log_dir(None if verbose else self.run_dir / "logs", cfg.run.log_max_mb)
         log(f"run directory: {self.run_dir}" + ("" if verbose else "  (actor output: logs/)"))
         self.model_path = prepare_model(asked, log)  # a cold start's ranks take the generators' cores too
         if cfg.data.path:
@@ -162,15 +143,18 @@ class Run:
             self.eval_rows = apply_template(self.eval_rows, cfg.data.template, self.model_path)
         self.evals: list[dict[str, Any]] = []
         t0 = time.perf_counter()
-        self.actors = start_actors(cfg, self.model_path, self.state["policy_version"])
+        self.factory = ActorFactory.for_job(cfg, self.model_path)
+        self.actors = start_actors(self.factory, cfg.cluster.start_timeout_s, self.state["policy_version"])
         log(f"actors ready in {time.perf_counter() - t0:.1f} s")
         self.version = self.state["policy_version"]
-        self.sup = Supervisor(cfg, self.model_path, self.actors.generators, self.actors.learners, self.version, log)
+        self.sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, self.factory, self.actors.generators,
+                              self.actors.learners, self.version, log)
         if found is not None:
-            checkpoint.restore(self.actors.learners, found[0])
+            checkpoint.restore(self.actors.learners, found[0], trust)
             self.sup.push(self.version)  # fresh generators serve the checkpoint
             log(f"resumed from {found[0]} (step {self.state['step']}, policy version {self.version})")
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_steps=self.state["step"])
+        if resume is None:
+            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.recorder = Recorder(self.run_dir, cfg.run.record_max_mb) if cfg.run.record_rollouts else None
         if self.recorder is not None:
             self.recorder.truncate(self.state["step"])
@@ -178,6 +162,7 @@ class Run:
         self._shown: list[dict[str, Any]] = []
         self.bar = _progress(cfg, self.state["step"])
         self.redone = 0  # prompts taken again after a learner restart
+        self.error_streak = ErrorStreak(cfg.rewards.max_error_steps)
         self.checkpoint_s: list[float] = []  # seconds each checkpoint held the loop
         self.t_loop = time.perf_counter()
         self._start_pipeline(self.state)
@@ -192,6 +177,7 @@ class Run:
     def step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         batch = self.pipeline.next_batch(step)
+        self.error_streak.update(batch.sampled)  # a verifier failing on every sample, step after step, stops the run
         t1 = time.perf_counter()
         with self.sup.weights:  # a generator's replacement never receives weights not yet published
             stats = self.actors.learners.train(batch.groups) if batch.groups else {}  # none: no group had signal
@@ -221,12 +207,9 @@ class Run:
         e = self.cfg.eval
         if not e.every or not self.eval_rows or not (step % e.every == 0 or step == self.cfg.run.steps):
             return {}
-        from cluster.commands.evaluate import evaluate
-
         t0 = time.perf_counter()
-        live = [g for g, up in zip(self.actors.generators, self.sup.live) if up]
-        report, _ = evaluate(live, self.pipeline.rewards.workers, self.eval_rows, e.k,
-                             e.sampling(self.cfg.rollout.max_tokens), self.cfg.rewards.verifiers, seed=self.cfg.run.seed)
+        report, _ = evaluate(self.pipeline, self.eval_rows, e.k, e.sampling(self.cfg.rollout.max_tokens),
+                             self.cfg.rewards.verifiers, self.cfg.run.seed, e.timeout_s)
         out = {"eval/pass@1": report["pass@1"], f"eval/cons@{e.k}": report[f"cons@{e.k}"],
                "eval/mean_length": report["mean_length"], "eval/seconds": time.perf_counter() - t0}
         self.evals.append({"step": step, "version": self.version, **out})
@@ -257,18 +240,18 @@ class Run:
         fault = self.sup.record("learner", 0, cause)
         fates = self.pipeline.close()
         self.actors.learners.kill()
-        found = checkpoint.latest(self.run_dir)
-        state = found[1] if found else {"step": 0, "cursor": 0, "policy_version": 0}
+        found = checkpoint.latest(self.run_dir, self.log)
+        state = found[1] if found else checkpoint.initial_state()
         self.redone += max(fates["taken"] + self.pipeline.first_key - state["cursor"], 0)
-        learners = placement.make_learner_group(self.model_path, self.cfg)
-        self.actors.info.update(placement.wait_ready(
+        learners = self.factory.learner_group()
+        self.actors.info.update(wait_ready(
             {f"learner rank {i}": r for i, r in enumerate(learners.ranks)}, self.cfg.cluster.start_timeout_s))
         if found:
             checkpoint.restore(learners, found[0])
-        self.actors.learners = self.sup.learners = learners
+        self.actors.learners = learners
         self.version = state["policy_version"]
-        self.sup.push(self.version, reconnect=True)  # replaces generators lost meanwhile too
-        self.metrics.truncate(state["step"])
+        self.sup.replace_learners(learners, self.version)  # replaces generators lost meanwhile too
+        self.metrics.truncate(state["step"])  # the faults of the rows dropped go into the next row
         if self.recorder is not None:
             self.recorder.truncate(state["step"])
         self.bar.n = state["step"]
@@ -283,23 +266,27 @@ class Run:
         live.update({f"reward worker {i}": w for i, w in enumerate(self.pipeline.rewards.workers)})
         live.update({f"learner rank {i}": r for i, r in enumerate(self.actors.learners.ranks)})
         try:
-            self.actors.info.update(placement.wait_ready(live, self.cfg.faults.health_timeout_s))
-        except placement.PlacementError:  # an actor lost or still starting: refreshed after its replacement
+            self.actors.info.update(wait_ready(live, self.cfg.faults.health_timeout_s))
+        except PlacementError:  # an actor lost or still starting: refreshed after its replacement
             pass
-        (self.run_dir / "actors.json").write_text(json.dumps(self.actors.info, indent=1))
+        write_atomic(self.run_dir / "actors.json", json.dumps(self.actors.info, indent=1))
 
     def finish(self) -> dict[str, Any]:
         self.bar.close()
         self.loggers.close()
         prompts = self.pipeline.close()
-        final = self.actors.learners.save_hf(str((self.run_dir / "final").resolve()))
-        plot(self.metrics.rows, self.run_dir / "plot.png", self.evals)
-        summary = {**summarize(self.metrics.rows), "evals": self.evals, "prompts": prompts,
+        self.sup.close()
+        tmp = temp_dir_for(self.run_dir / "final")  # a crash while saving leaves no partial final/
+        self.actors.learners.save_hf(str(tmp.resolve()))
+        replace_dir(tmp, self.run_dir / "final")
+        final = str((self.run_dir / "final").resolve())
+        plot_training(self.metrics.rows, self.run_dir / "plot.png", self.evals)
+        summary = {**summarize_training(self.metrics.rows), "evals": self.evals, "prompts": prompts,
                    "prompts_redone_after_restarts": self.redone,
                    "checkpoint_seconds": self.checkpoint_s,
                    "faults": self.sup.summary(), "run_dir": str(self.run_dir), "checkpoint": final,
                    "model_start": self.model_path}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 
@@ -316,16 +303,6 @@ def actor_timings(generators: list[Any], live: list[bool]) -> dict[str, float]:
         except ray.exceptions.RayError:  # lost meanwhile: the supervisor replaces it
             pass
     return slowest_generator(per_actor or [{}])
-
-
-def slowest_generator(per_actor: list[dict[str, float]]) -> dict[str, float]:
-    """Generators' take_timings() -> the step's metrics (the slowest generator per phase)."""
-    phases = {"generate/engine": "time/generate_engine", "generate/convert": "time/generate_convert"}
-    out = {key: max(t.get(phase, 0.0) for t in per_actor) for phase, key in phases.items()}
-    sync_phases = ("sync/start", "sync/receive", "sync/finish")  # wait, load and pause are parts of these
-    out["time/sync_generator"] = max(sum(t.get(k, 0.0) for k in sync_phases) for t in per_actor)
-    out["time/sync_pause"] = max(t.get("sync/pause", 0.0) for t in per_actor)
-    return out
 
 
 def _progress(cfg: Config, done: int):

@@ -18,9 +18,16 @@ run.max_sampling_rounds rounds per batch.
 
 Every prompt taken from the stream is trained on, dropped with a reason, or still in
 flight when the run ends: all three are counted.
+
+Rows can also be sampled beside the stream (`sample`: evaluations, a teacher's
+samples), through the same generators, reward pool and fault handling; they never
+count among the training fates. The pipeline handles no fault itself: what it sees
+fail (a call that raised, a reward worker past its deadline) it reports to the
+supervisor (FaultReporter), and it re-queues what the lost actor held.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter, defaultdict
@@ -29,7 +36,9 @@ from typing import Any, Callable
 
 import ray
 
+from cluster.actors.faults import FaultReporter
 from cluster.data import PromptStream
+from cluster.flow.reward_pool import RewardPool
 from rollout.seeds import sample_seeds
 from rollout.types import BoundaryError, Group, check_sampled, check_scored
 
@@ -44,16 +53,34 @@ class PipelineSettings:
     seed: int
     total_steps: int
     """No prompt is admitted for a step at or beyond this one."""
+    reward_deadline_s: float = 0.0
+    """A reward worker holding a group longer than this is lost (0: no deadline;
+    flow.reward_pool.reward_deadline_s computes it from the reward config)."""
     poll_s: float = 0.5
 
 
 @dataclass
+class Side:
+    """Rows sampled beside the training stream (an evaluation): scored groups by row."""
+
+    size: int
+    groups: dict[int, Group] = field(default_factory=dict)
+    requeued: int = 0
+
+
+@dataclass
 class Ticket:
-    """One prompt from the stream, from admission to its fate."""
+    """One prompt, from admission to its fate: a stream prompt of training batch
+    `batch` (key = its place in the stream, >= 0), or row `index` of a side request
+    (key < 0, batch None)."""
 
     key: int
     row: dict[str, Any]
-    batch: int
+    batch: int | None
+    seeds: list[int]
+    sampling: dict[str, Any] | None = None
+    side: Side | None = None
+    index: int = 0
     generator: int = -1
     admitted_at: float = 0.0
     group: Group | None = None
@@ -87,56 +114,19 @@ class PipelineError(RuntimeError):
     pass
 
 
-class RewardPool:
-    """Scored groups, one call each, on the reward worker with the fewest groups in hand
-    (every worker is used, whatever the number of generators)."""
-
-    def __init__(self, workers: list[Any]) -> None:
-        self.workers = workers
-        self.load = [0] * len(workers)
-        self.up = [True] * len(workers)
-        self.pending: dict[Any, tuple[int, Group, float]] = {}  # ref -> (worker, group, sent at)
-
-    def submit(self, group: Group) -> Any:
-        w = min((i for i in range(len(self.workers)) if self.up[i]), key=lambda i: (self.load[i], i))
-        self.load[w] += 1
-        ref = self.workers[w].score.remote(group)
-        self.pending[ref] = (w, group, time.monotonic())
-        return ref
-
-    def done(self, ref: Any) -> int:
-        """The worker that held `ref` (now answered)."""
-        w = self.pending.pop(ref)[0]
-        self.load[w] -= 1
-        return w
-
-    def take_back(self, worker: int) -> list[tuple[Any, Group]]:
-        """Worker lost: every group it held, to score elsewhere (-> (old ref, group))."""
-        self.up[worker], self.load[worker] = False, 0
-        lost = [(ref, g) for ref, (w, g, _) in self.pending.items() if w == worker]
-        for ref, _ in lost:
-            del self.pending[ref]
-        return lost
-
-    def overdue(self, deadline_s: float) -> list[int]:
-        """Workers holding a group for longer than deadline_s (hung)."""
-        now = time.monotonic()
-        return sorted({w for w, _, sent in self.pending.values() if now - sent > deadline_s})
-
-
 class RolloutPipeline:
     def __init__(self, generators: list[Any], rewarders: list[Any], stream: PromptStream, settings: PipelineSettings,
-                 log: Callable[[str], None] = print, faults: Any = None) -> None:
-        """faults: the Supervisor that replaces lost actors (None: a lost actor fails the run)."""
+                 log: Callable[[str], None] = print, faults: FaultReporter | None = None) -> None:
+        """faults: where a lost actor is reported (the supervisor, which replaces it and
+        calls back generator_down / generator_up); None: a lost actor fails the run."""
         self.generators, self.rewarders, self.stream, self.s = generators, rewarders, stream, settings
-        self.log, self.sup = log, faults
+        self.log, self.faults = log, faults
         self._up = [True] * len(generators)
         self._orphans: list[Ticket] = []  # prompts of a lost generator, waiting for a live one
-        self._probes: dict[int, tuple[Any, float]] = {}  # generator -> (health ref, sent at)
-        self._next_probe = [0.0] * len(generators)
         if faults is not None:
-            faults.on_generator_down = self._generator_down
-            faults.on_generator_up = self._generator_up
+            faults.on_generator_down = self.generator_down
+            faults.on_generator_up = self.generator_up
+        self._side_keys = itertools.count(-1, -1)
         self._lock = threading.Condition()
         self._phase = -1  # the step whose weights the generators hold (-1: not started)
         self._returned = -1  # the last step whose batch next_batch handed out
@@ -153,11 +143,7 @@ class RolloutPipeline:
         self._thread: threading.Thread | None = None
         self.first_key = stream.cursor
         self.requeued_since_step = 0
-        self.reward_deadline_s = 0.0
-        if faults is not None:  # every sample of a group, every verifier at its timeout, at the worker's concurrency
-            r = faults.cfg.rewards
-            per_sample = sum(r.spec(name).timeout_s or r.timeout_s for name in r.verifiers)
-            self.reward_deadline_s = per_sample * settings.n / r.concurrency + faults.cfg.faults.health_timeout_s
+        self.side_requeued = 0  # side-request prompts requeued (not part of the training fates)
 
     # ------------------------------------------------------------ driver side
     def publish(self, step: int, version: int) -> None:
@@ -166,17 +152,49 @@ class RolloutPipeline:
             self._phase, self._version = step, version
             self._admit()  # here, not on the pipeline thread: it may be waiting on Ray for a while
             self._lock.notify_all()
+        self._start_thread()
+
+    def _start_thread(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="rollout-pipeline", daemon=True)
             self._thread.start()
+
+    def sample(self, rows: list[dict[str, Any]], seeds: list[list[int]], sampling: dict[str, Any] | None,
+               timeout_s: float) -> list[Group]:
+        """Sample and score `rows` beside the training stream (evaluation, a teacher's
+        samples): row i gets one sample per seed of seeds[i], with `sampling`. Through
+        the same generators, reward pool and fault handling as training: a lost
+        generator's rows go to the others. -> scored groups in row order (key = row index)."""
+        side = Side(len(rows))
+        with self._lock:
+            self._check()
+            for i, (row, row_seeds) in enumerate(zip(rows, seeds, strict=True)):
+                ticket = Ticket(next(self._side_keys), row, None, list(row_seeds), sampling, side, i,
+                                admitted_at=time.perf_counter())
+                self._tickets[ticket.key] = ticket
+                self._orphans.append(ticket)
+            self._dispatch()
+        self._start_thread()
+        with self._lock:
+            done = self._lock.wait_for(lambda: self._error is not None or len(side.groups) == side.size,
+                                       timeout=timeout_s)
+            self._check()
+            if not done:
+                raise PipelineError(f"{side.size - len(side.groups)} of {side.size} prompts not sampled and scored "
+                                    f"within {timeout_s:g} s")
+        self.side_requeued += side.requeued
+        return [side.groups[i] for i in range(side.size)]
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise PipelineError(f"rollout pipeline failed: {self._error!r}") from self._error
 
     def next_batch(self, step: int, timeout_s: float | None = None) -> Batch:
         """Step `step`'s batch, once complete (waits only as long as that takes)."""
         t0 = time.perf_counter()
         with self._lock:
             done = self._lock.wait_for(lambda: self._error is not None or self._complete(step), timeout=timeout_s)
-            if self._error is not None:
-                raise PipelineError(f"rollout pipeline failed: {self._error!r}") from self._error
+            self._check()
             if not done:
                 raise PipelineError(f"step {step}: batch not complete after {timeout_s} s")
             state = self._batches.pop(step)
@@ -201,13 +219,13 @@ class RolloutPipeline:
     def resume_cursor(self) -> int:
         """The stream position to resume from: the first prompt not yet trained or dropped."""
         with self._lock:
-            return min(self._tickets, default=self.stream.cursor)
+            return min((k for k in self._tickets if k >= 0), default=self.stream.cursor)
 
     def close(self) -> dict[str, int]:
         """Stop admitting, abort what the generators still hold; -> the fate of every prompt taken."""
         with self._lock:
             self._closed = True
-            unfinished = len(self._tickets)
+            unfinished = sum(t.batch is not None for t in self._tickets.values())
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -235,8 +253,8 @@ class RolloutPipeline:
                 for ref in ready:
                     self._handle(ref)
                 self._watch()
-                if self.sup is not None and self.sup.heal_error is not None:
-                    raise self.sup.heal_error
+                if self.faults is not None:
+                    self.faults.check()
         except BaseException as e:  # surfaced in next_batch
             with self._lock:
                 self._error = e
@@ -270,7 +288,9 @@ class RolloutPipeline:
     def _start(self, step: int, count: int) -> None:
         first = self.stream.cursor
         for offset, row in enumerate(self.stream.take(count)):
-            ticket = Ticket(first + offset, row, step, admitted_at=time.perf_counter())
+            key = first + offset
+            ticket = Ticket(key, row, step, sample_seeds(self.s.seed, "train", key, self.s.n),
+                            admitted_at=time.perf_counter())
             self._tickets[ticket.key] = ticket
             self._batches[step].in_flight += 1
             self._orphans.append(ticket)
@@ -281,39 +301,41 @@ class RolloutPipeline:
         live = [i for i, up in enumerate(self._up) if up]
         if not live or not self._orphans:
             return
-        per_generator: dict[int, list] = defaultdict(list)
+        calls: dict[tuple[int, int], tuple[dict | None, list]] = {}  # (generator, sampling) -> jobs
         for ticket in self._orphans:
             ticket.generator = min(live, key=lambda i: (self._gen_load[i], i))
-            self._gen_load[ticket.generator] += self.s.n
-            per_generator[ticket.generator].append(
-                (ticket.key, ticket.row, sample_seeds(self.s.seed, "train", ticket.key, self.s.n)))
+            self._gen_load[ticket.generator] += len(ticket.seeds)
+            call = calls.setdefault((ticket.generator, id(ticket.sampling)), (ticket.sampling, []))
+            call[1].append((ticket.key, ticket.row, ticket.seeds))
         self._orphans = []
-        for i, jobs in per_generator.items():
-            self.generators[i].submit.remote(jobs)
+        for (i, _), (sampling, jobs) in calls.items():
+            gen = self.generators[i]
+            gen.submit.remote(jobs) if sampling is None else gen.submit.remote(jobs, sampling)
 
-    def _generator_down(self, i: int) -> None:
+    def generator_down(self, i: int) -> None:
         """Generator i is lost: the prompts it held (not yet returned) go to the others,
         with the same seeds; nothing is dropped."""
         with self._lock:
             if not self._up[i]:
                 return
             self._up[i], self._gen_load[i] = False, 0
-            self._probes.pop(i, None)
             for ref in [r for r, g in self._collecting.items() if g == i]:
                 del self._collecting[ref]
             lost = [t for t in self._tickets.values() if t.generator == i and t.group is None]
             for t in lost:
                 t.generator = -1
-            self._orphans += sorted(lost, key=lambda t: t.key)
-            self.fates["requeued"] += len(lost)
-            self.requeued_since_step += len(lost)
+                if t.side is not None:
+                    t.side.requeued += 1
+            self._orphans += sorted(lost, key=lambda t: (t.batch is None, abs(t.key)))
+            trained = sum(t.side is None for t in lost)
+            self.fates["requeued"] += trained
+            self.requeued_since_step += trained
             self._dispatch()
 
-    def _generator_up(self, i: int, handle: Any) -> None:
+    def generator_up(self, i: int, handle: Any) -> None:
         with self._lock:
             self.generators[i] = handle
             self._up[i], self._gen_load[i] = True, 0
-            self._next_probe[i] = 0.0
             self._collecting[handle.collect.remote(self.s.poll_s)] = i
             self._dispatch()
 
@@ -334,7 +356,7 @@ class RolloutPipeline:
         try:
             group = ray.get(ref)[0]
         except ray.exceptions.RayError as e:
-            if self.sup is None:
+            if self.faults is None:
                 raise
             return self._lost_reward_worker(worker, f"died ({type(e).__name__})", [(key, self._tickets[key].group)])
         check_scored(group, f"reward worker {worker}")
@@ -342,53 +364,25 @@ class RolloutPipeline:
             self._on_scored(key, group)
 
     def _lost_generator(self, i: int, cause: str, error: BaseException | None = None) -> None:
-        if self.sup is None:
+        if self.faults is None:
             raise error or PipelineError(f"generator {i}: {cause}")
-        self.sup.generator_lost(i, cause)  # calls back _generator_down, then replaces it
+        self.faults.generator_lost(i, cause)  # calls back generator_down, then replaces it
 
     def _lost_reward_worker(self, w: int, cause: str, held: list[tuple[int, Group]] = ()) -> None:
         """Reward worker w is lost: the groups it held are scored elsewhere (or by its
-        replacement); a fresh worker takes its place."""
-        from cluster.actors import placement
-
-        try:
-            ray.kill(self.rewards.workers[w], no_restart=True)
-        except Exception:
-            pass
+        replacement, which the supervisor starts)."""
         lost = list(held) + [(self._scoring.pop(ref), group) for ref, group in self.rewards.take_back(w)]
-        self.sup.record("reward worker", w, cause)
-        self.rewards.workers[w] = placement.make_reward_worker(self.sup.cfg, w)
-        self.rewards.up[w] = True  # its calls queue until it is up; the deadline covers its start
+        self.rewards.replace(w, self.faults.reward_worker_lost(w, self.rewards.workers[w], cause))
         for key, group in lost:
             self._scoring[self.rewards.submit(group)] = key
 
     def _watch(self) -> None:
-        """Deadlines: a generator that does not answer a health probe in time (or whose
-        engine stalls with work in hand), a reward worker that holds a group too long."""
-        if self.sup is None:
+        """A reward worker that holds a group past its deadline is lost (generators are
+        probed by the supervisor)."""
+        if self.faults is None or not self.s.reward_deadline_s:
             return
-        f = self.sup.cfg.faults
-        now = time.monotonic()
-        for i in [i for i, up in enumerate(self._up) if up]:
-            if i not in self._probes:
-                if now >= self._next_probe[i]:
-                    self._probes[i] = (self.generators[i].health.remote(), now)
-                continue
-            ref, sent = self._probes[i]
-            if ray.wait([ref], timeout=0)[0]:
-                del self._probes[i]
-                self._next_probe[i] = now + f.health_interval_s
-                try:
-                    health = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    self._lost_generator(i, f"died ({type(e).__name__})", e)
-                    continue
-                if health["load"] and not health["updating"] and health["seconds_since_step"] > f.stall_timeout_s:
-                    self._lost_generator(i, f"engine made no step for {health['seconds_since_step']:.0f} s with work in hand")
-            elif now - sent > f.health_timeout_s:
-                self._lost_generator(i, f"no answer to a health probe within {f.health_timeout_s:g} s")
-        for w in self.rewards.overdue(self.reward_deadline_s):
-            self._lost_reward_worker(w, f"held a group for more than {self.reward_deadline_s:.0f} s")
+        for w in self.rewards.overdue(self.s.reward_deadline_s):
+            self._lost_reward_worker(w, f"held a group for more than {self.s.reward_deadline_s:.0f} s")
 
     def _on_generated(self, generator: int, group: Group) -> None:
         check_sampled(group, f"generator {generator}")
@@ -396,16 +390,22 @@ class RolloutPipeline:
             ticket = self._tickets.get(group.key)
             if ticket is None or ticket.generator != generator:
                 return  # requeued meanwhile (its generator was declared lost): the other copy counts
-            if len(group.samples) != self.s.n:
+            if len(group.samples) != len(ticket.seeds):
                 raise BoundaryError(f"generator {generator}: prompt {group.key} has {len(group.samples)} samples, "
-                                    f"not rollout.n={self.s.n}")
+                                    f"not the {len(ticket.seeds)} asked for")
             ticket.group = group
-            self._gen_load[generator] -= self.s.n
-            self._batches[ticket.batch].last_generated = time.perf_counter()
+            self._gen_load[generator] -= len(ticket.seeds)
+            if ticket.batch is not None:
+                self._batches[ticket.batch].last_generated = time.perf_counter()
         self._scoring[self.rewards.submit(group)] = group.key
 
     def _on_scored(self, key: int, group: Group) -> None:
         ticket = self._tickets[key]
+        if ticket.side is not None:
+            group.key = ticket.index
+            ticket.side.groups[ticket.index] = group
+            del self._tickets[key]
+            return self._lock.notify_all()
         state = self._batches[ticket.batch]
         state.in_flight -= 1
         state.last_scored = time.perf_counter()

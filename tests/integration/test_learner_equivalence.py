@@ -3,39 +3,14 @@ several, one rank or two, shards as uneven as dynamic sampling makes them, sever
 updates per step, every reduction and ZeRO stage (real DeepSpeed ranks in Ray actors,
 gloo, fp32). Metrics are reduced over every rank. A non-finite gradient skips the step
 on every rank, and non-finite weights are never sent."""
-import random
-
 import numpy as np
 import pytest
 import ray
 
-from cluster.actors import placement
-from learner.schedule import plan_step
-from rollout.types import Group, Sample
-from tests.conftest import placed
+from cluster.actors.factory import ActorFactory
+from tests.helpers import placed, synthetic_groups
 
 METRICS = ("train/loss", "train/entropy", "train/kl", "train/clip_frac", "train/sampler_logprob_diff")
-
-
-def synthetic_groups(num_groups=4, n=4, seed=0) -> list[Group]:
-    rng = random.Random(seed)
-    groups = []
-    for g in range(num_groups):
-        prompt = [rng.randrange(3, 90) for _ in range(rng.randint(3, 6))]
-        samples = []
-        for _ in range(n):
-            ids = [rng.randrange(3, 90) for _ in range(rng.randint(2, 9))]  # unequal lengths
-            samples.append(Sample(ids, [-1.0 - 0.1 * rng.random() for _ in ids], "", "stop", [(0, 0)]))
-        groups.append(Group(prompt, "", {}, samples, rewards=[float(rng.random() < 0.5) + 0.1 * i for i in range(n)],
-                            key=g))
-    return groups
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    placed([])  # starts the module's Ray
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +33,7 @@ def learner_group(model_dir, ranks, micro, **learner):
     overrides = [f"learner.{k}={v}" for k, v in learner.items()]
     cfg = placed([f"learner.micro_batch_size={micro}", f"learner.num_ranks={ranks}", "run.prompts_per_step=4",
                   "rollout.n=4", "cluster.learner_cpus=0.25", *overrides])
-    return placement.make_learner_group(str(model_dir), cfg)
+    return ActorFactory.for_job(cfg, str(model_dir)).learner_group()
 
 
 def ready(*groups):
@@ -193,8 +168,3 @@ def test_a_non_finite_gradient_skips_the_step_and_bad_weights_are_never_sent(ray
             ray.get([r.broadcast_weights.remote(1) for r in group.ranks])
     finally:
         group.kill()
-
-
-def test_plans_agree_with_the_learner_capacity():
-    plan = plan_step(3, 2, 1, micro=8, accumulation=1)
-    assert plan.updates[0].micro == (((0, 2),), ((2, 3),))

@@ -1,7 +1,8 @@
 """Beyond one machine, tested on one box: a Ray cluster of three nodes (three `ray start`
 processes, each with its own custom resource), generators, learner and reward workers
 pinned to different nodes by `cluster:` settings, the weights crossing nodes over the
-learner node's address (never loopback), and the same job through `ray job submit`."""
+learner node's address (never loopback), and the same job through `ray job submit`;
+and `grpo train` with a role that fits no node fails fast, naming it."""
 import json
 import os
 import subprocess
@@ -11,31 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
-from cluster.actors.placement import PlacementError, Role, check_fits
-from tests.conftest import FULL_RUN, kill_session
-from tests.test_train_e2e import own_ports, start_head
+from tests.helpers import FULL_RUN, kill_session, own_ports, start_head
 
 PLACED = ["eval.every=0", "cluster.generator_resources={gen: 1}", "cluster.learner_resources={learn: 1}",
           "cluster.reward_resources={cpu: 1}"]
-EXAMPLE = Path(__file__).parent.parent / "examples" / "cluster" / "grpo-qwen2.5-1.5b-math.yaml"
-
-
-def test_placement_check_names_the_role_and_what_it_lacks():
-    nodes = [{"CPU": 2.0, "gen": 1.0}, {"CPU": 2.0, "learn": 2.0}]
-    roles = [Role("generator", 1, {"CPU": 1.0, "gen": 1.0}), Role("learner rank", 2, {"CPU": 1.0, "learn": 1.0}),
-             Role("reward worker", 1, {"CPU": 0.1, "cpu": 1.0})]
-    with pytest.raises(PlacementError, match=r"reward worker 0 needs \{'CPU': 0.1, 'cpu': 1.0\}.*'cpu': 0"):
-        check_fits(roles, nodes)
-    check_fits(roles[:2], nodes)  # two ranks pack on the learn node, the generator on the gen node
-    with pytest.raises(PlacementError, match="learner rank 1 needs"):
-        check_fits([Role("learner rank", 2, {"CPU": 1.5, "learn": 1.0})], nodes)
-
-
-def test_the_cluster_example_config_is_valid():
-    cfg = load_config(EXAMPLE)  # every key known, every value valid
-    assert cfg.sync.backend == "nccl" and cfg.rollout.tensor_parallel_size == 2 and cfg.learner.zero_stage == 3
-    assert cfg.data.template == "r1_zero" and cfg.cluster.generator_resources == {"rollout_node": 1.0}
 
 
 def test_an_unplaceable_role_fails_fast(tmp_path):

@@ -1,22 +1,17 @@
-"""What a user sees of a run: the quiet console, TensorBoard and W&B, the recorded
+"""What a user sees of a run: the quiet console, TensorBoard, the recorded
 rollouts, `grpo samples` and `grpo replay` (on the session's short real run)."""
 import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import msgpack
 import pytest
 
-from tests.conftest import grpo
+from tests.helpers import grpo, read_metrics
 
 NOISY = ["Triton", "FutureWarning", "NUMA", "Loading safetensors", "Writing model shards", "DeprecationWarning",
          "Token authentication", "(pid=", "INFO worker.py", "numa", "UserWarning"]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_console_shows_our_lines_only(full_run):
@@ -63,22 +58,6 @@ def test_tensorboard_holds_every_step_of_the_metrics(full_run):
     assert b"<answer>" in texts[-1].tensor_proto.string_val[0]
 
 
-def test_wandb_offline_writes_its_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    from cluster.artifacts.loggers import Loggers
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    loggers = Loggers(["wandb"], tmp_path, {"learner": {"lr": 1e-3}})
-    for step in (1, 2, 3):
-        loggers.log({"step": step, "reward_mean": 0.25 * step, "train/loss": 1.0 / step, "note": "text"}, [])
-    loggers.close()
-    [run] = list((tmp_path / "wandb").glob("offline-run-*"))
-    [events] = list(run.glob("run-*.wandb"))
-    body = events.read_bytes()
-    assert len(body) > 1000 and b"reward_mean" in body and b"train/loss" in body
-
-
 def test_recorded_rollouts_round_trip_and_match_the_metrics(full_run):
     from cluster.artifacts.record import load, read_step, steps, to_groups
 
@@ -104,22 +83,6 @@ def test_recorded_rollouts_round_trip_and_match_the_metrics(full_run):
         assert [g.key for g in groups] == [g["key"] for g in trained]
         assert groups[0].samples[0].completion_ids == trained[0]["samples"][0]["token_ids"]
         assert read_step(run_dir / "rollouts" / f"step-{step:06d}.msgpack") == record
-
-
-def test_the_record_stays_under_its_size_bound(tmp_path):
-    from cluster.artifacts.record import Recorder, read_step, steps
-
-    rec = Recorder(tmp_path, max_mb=0.05)  # 52 kB
-    group = {"key": 0, "prompt": "1+1=", "prompt_ids": [1, 2], "row": {"answer": "2"}, "trained": True,
-             "dropped": None, "samples": [{"text": "x" * 2000, "token_ids": list(range(500)),
-                                           "logprobs": [-0.5] * 500}]}
-    for step in range(1, 21):
-        rec.write(step, step - 1, [group])
-        total = sum(p.stat().st_size for p in (tmp_path / "rollouts").iterdir())
-        assert total <= 0.05 * 2**20
-    kept = steps(tmp_path)
-    assert kept[-1] == 20 and 1 < len(kept) < 20 and kept == list(range(kept[0], 21))  # the newest, contiguous
-    assert read_step(tmp_path / "rollouts" / "step-000020.msgpack")["groups"] == [group]
 
 
 def test_grpo_samples_on_a_real_run(full_run):

@@ -2,15 +2,13 @@
 entrypoint submitted with `ray job submit` to a head this test starts."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import kill_session
+from tests.helpers import FULL_RUN, kill_session, read_evals, read_metrics, start_head
 
 SHORT_RUN = [
     "model.cold_start.steps=150",
@@ -24,13 +22,12 @@ SHORT_RUN = [
 ]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_grpo_train_cli_trains_every_parameter(full_run):
     import torch
     from transformers import AutoModelForCausalLM
+
+    from cluster.artifacts.record import load
+    from rewards.verifiers import accuracy_reward, format_reward
 
     run_dir, proc = full_run
     assert "summary: 6 steps" in proc.stdout
@@ -40,7 +37,12 @@ def test_grpo_train_cli_trains_every_parameter(full_run):
     for r in rows:
         # the reward is the configured weighted sum of the verifiers (accuracy 1.0, format 0.2)
         assert r["reward_mean"] == pytest.approx(r["rewards/accuracy"] + 0.2 * r["rewards/format"])
-        assert r["accuracy"] == r["rewards/accuracy"] and r["format_rate"] == r["rewards/format"]
+        # accuracy and format rate are the verifiers' shares over every sample of the step,
+        # scored again here from the recorded texts (not read back from the reward parts)
+        scored = [(s["text"], g["row"]) for g in load(run_dir, r["step"])["groups"] for s in g["samples"]]
+        assert len(scored) == r["samples"]
+        assert r["accuracy"] == pytest.approx(sum(accuracy_reward(t, row).value for t, row in scored) / len(scored))
+        assert r["format_rate"] == pytest.approx(sum(format_reward(t, row) for t, row in scored) / len(scored))
         assert r["samples"] == 16 and 0 < r["response_length"] <= 48
         # behaviour logprobs are the sampler's at temperature 0.7, as the learner scores them
         assert r["train/sampler_logprob_diff"] < 1e-4 and r["train/skipped_updates"] == 0
@@ -76,71 +78,30 @@ def test_grpo_train_cli_trains_every_parameter(full_run):
     assert float(proc.stdout.split("FORMAT")[-1]) >= 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The job behind the held-out figure below: the suite's shared run (FULL_RUN of
+# tests/helpers.py, run once by the `full_run` fixture of tests/conftest.py), written out
+# here so that the reader sees which job gave it.
+HELD_OUT_JOB = [
+    "model.cold_start.steps=150", "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2",
+    "run.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7", "learner.lr=1e-3",
+    "run.progress=false", "cluster.num_cpus=2", "run.loggers=[jsonl,tensorboard]",
+    "run.max_staleness=0",
+]
 
 
-def wait_for_job_agent(dash: int, timeout_s: float = 180) -> None:
-    """Until the head's job agent takes submissions (it comes up after the dashboard):
-    submit a no-op job and wait for it to finish."""
-    import time
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            job = client.submit_job(entrypoint="true")
-            break
-        except RuntimeError as e:
-            assert "No available agent" in str(e) and time.monotonic() < deadline, str(e)
-            time.sleep(1)
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, "the no-op job did not finish"
-        time.sleep(0.5)
-
-
-def own_ports() -> list[str]:
-    """Free ports for a node's agents: two Ray nodes on one machine would otherwise both
-    want the fixed defaults (the dashboard agent's 52365), and the second has no agent."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-
-
-def start_head(tmp_path, num_cpus=2, resources=None, node_ip="127.0.0.1"):
-    """A Ray head of our own (own ports and temp dir, in its own session, so that only it
-    is stopped afterwards) with a dashboard for `ray job submit`. -> (process, dashboard
-    port, GCS address)."""
-    import time
-    import urllib.request
-
-    gcs, dash = _free_port(), _free_port()
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
-           f"--node-ip-address={node_ip}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-           f"--temp-dir={tempfile.mkdtemp(prefix='ray-', dir='/tmp')}",  # short: socket paths have a length limit
-           f"--ray-client-server-port={_free_port()}", "--object-store-memory=300000000", *own_ports()]
-    if resources:
-        cmd.append(f"--resources={json.dumps(resources)}")
-    head = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                break
-            except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
-                time.sleep(0.5)
-        wait_for_job_agent(dash)
-    except BaseException:
-        kill_session(head.pid)
-        raise
-    return head, dash, f"{node_ip}:{gcs}"
+def test_training_raises_the_held_out_pass_at_1(full_run, capsys):
+    """`grpo train` evaluates on the held-out sums (the built-in task's eval split, which
+    neither the cold start nor RL sees; eval.k samples each) before the first step and
+    after the last: training raises pass@1 by 0.1 at least."""
+    run_dir, _ = full_run
+    assert FULL_RUN == HELD_OUT_JOB, "the shared run changed: write it out above and check the gain again"
+    evals = read_evals(run_dir)
+    assert [e["step"] for e in evals] == [0, 6], evals  # before the first step, after the last
+    before, after = evals[0]["eval/pass@1"], evals[-1]["eval/pass@1"]
+    with capsys.disabled():
+        print(f"\nheld-out pass@1 {before:.3f} -> {after:.3f} ({after - before:+.3f}) after 6 steps of "
+              f"`grpo train {' '.join(HELD_OUT_JOB)}`")
+    assert after - before >= 0.1, f"held-out pass@1 {before:.3f} -> {after:.3f}"
 
 
 def test_ray_job_submit_survives_a_lost_generator_and_a_resubmission_resumes(runs_dir, tmp_path):

@@ -15,9 +15,10 @@ from rewards.peer import ProcessPeer
 from rewards.sandbox import sandbox_mode
 from rewards.worker import RewardWorker
 from rollout.types import Group, Sample
+from tests.helpers import EXAMPLES, TESTS
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "external_verifier.py")
-NAN_VERIFIER = os.path.join(os.path.dirname(__file__), "nan_verifier.py")
+EXAMPLE = str(EXAMPLES / "external_verifier.py")
+NAN_VERIFIER = str(TESTS / "nan_verifier.py")
 
 
 def group(completions, **row):
@@ -34,6 +35,13 @@ def test_weighted_sum_and_parts():
     assert g.reward_parts == {"accuracy": [1.0, 1.0, 0.0], "format": [1.0, 0.0, 1.0]}
     assert g.rewards == [1.5, 1.0, 0.5]
     assert g.reward_stats == {"timeouts": 0, "errors": 0, "cache_hits": 0}
+    w.close()
+
+
+def test_answer_classes_are_computed_in_the_verifier_process():
+    w = make({"math": 1.0, "format": 0.2})
+    assert w.answer_classes("math", [["1/2", "0.5", None], ["3", "x", "3.0"]]) == [[0, 0, None], [0, 1, 0]]
+    assert w.answer_classes("accuracy", [["1/2", "0.5", "\\frac{1}{2}"]]) == [[0, 0, 2]]  # registered, not served here
     w.close()
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cluster.commands.evaluate import majority_correct, pass_at_k, powers_of_two, summarize
+from cluster.artifacts.eval_report import majority_correct, pass_at_k, powers_of_two, summarize_eval
 from rewards.verifiers import answer_classes
 
 
@@ -42,7 +42,7 @@ def test_summary_by_hand():
         {"scores": [1.0, 1.0, 0.0, 0.0], "classes": [0, 0, 2, 2], "lengths": [10, 20, 30, 40]},
         {"scores": [1.0, 0.0, 0.0, 0.0], "classes": [0, 1, 1, None], "lengths": [50, 60, 70, 80]},
     ]
-    out = summarize(results, 4)
+    out = summarize_eval(results, 4)
     assert out["k"] == 4 and out["n_prompts"] == 2
     assert out["pass@1"] == pytest.approx((0.5 + 0.25) / 2)
     assert out["pass@2"] == pytest.approx(((1 - 1 / 6) + (1 - math.comb(3, 2) / math.comb(4, 2))) / 2)

@@ -4,11 +4,8 @@ import numpy as np
 import pytest
 import ray
 
-from cluster.actors import placement
-from tests.conftest import placed
-from tests.test_learner_equivalence import synthetic_groups
-from tests.test_weight_sync import SEQ, hf_logprobs
-
+from cluster.actors.factory import ActorFactory
+from tests.helpers import SEQ, hf_logprobs, placed, synthetic_groups
 
 COMMON = ["rollout.num_generators=1", "learner.num_ranks=2", "learner.zero_stage=3", "learner.lr=0.01",
           "run.prompts_per_step=4", "rollout.n=4", "sync.bucket_mb=0.1", "cluster.learner_cpus=0.5"]
@@ -16,7 +13,7 @@ COMMON = ["rollout.num_generators=1", "learner.num_ranks=2", "learner.zero_stage
 
 @pytest.fixture(scope="module")
 def generator(tiny_model):
-    [gen] = placement.make_generators(str(tiny_model), placed(COMMON))
+    [gen] = ActorFactory.for_job(placed(COMMON), str(tiny_model)).generators()
     yield gen
     ray.shutdown()
 
@@ -25,7 +22,7 @@ def generator(tiny_model):
 def test_zero3_bucketed_stream_matches_transformers(tiny_model, generator, dtype):
     gen = generator
     cfg = placed([*COMMON, f"learner.dtype={dtype}"])
-    learners = placement.make_learner_group(str(tiny_model), cfg)
+    learners = ActorFactory.for_job(cfg, str(tiny_model)).learner_group()
     try:
         ray.get([gen.ready.remote()] + [r.ready.remote() for r in learners.ranks])
         learners.connect([gen])

@@ -6,52 +6,22 @@ import time
 import numpy as np
 import pytest
 import ray
-import torch
 
-from cluster.actors import placement
-from rollout.buckets import TensorMeta, pack, plan_buckets, unpack
+from cluster.actors.factory import ActorFactory
 from rollout.seeds import sample_seeds
-from tests.conftest import placed
-
-SEQ = [20, 21, 14, 26, 32, 31, 87, 75, 76, 81, 78, 33, 23, 87, 33]
-
-
-def test_buckets_pack_and_unpack_round_trip():
-    metas = [TensorMeta("a", "float32", (2, 3)), TensorMeta("b", "bfloat16", (5,)), TensorMeta("c", "int64", (4,)),
-             TensorMeta("d", "float32", (100,))]
-    tensors = [torch.randn(2, 3), torch.randn(5).bfloat16(), torch.arange(4), torch.randn(100)]
-    # 24 + 10 + 32 = 66 bytes fit in 70; "d" (400 bytes) travels alone
-    assert plan_buckets(metas, 70) == [[0, 1, 2], [3]]
-    assert plan_buckets(metas, 10**6) == [[0, 1, 2, 3]]
-    assert plan_buckets(metas, 1) == [[0], [1], [2], [3]]
-    for bucket in plan_buckets(metas, 70):
-        flat = pack([tensors[i] for i in bucket])
-        assert flat.dtype == torch.uint8 and flat.numel() == sum(metas[i].nbytes for i in bucket)
-        for (name, got), i in zip(unpack(flat, [metas[i] for i in bucket]), bucket):
-            assert name == metas[i].name and torch.equal(got, tensors[i])
+from tests.helpers import SEQ, hf_logprobs, placed
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_model):
     cfg = placed(["rollout.num_generators=2", "rollout.n=4", "rollout.max_tokens=6", "rollout.temperature=0.7",
                   "learner.lr=0.01", "sync.bucket_mb=0.5", "run.prompts_per_step=2"])
-    gens = placement.make_generators(str(tiny_model), cfg)
-    learners = placement.make_learner_group(str(tiny_model), cfg)
+    factory = ActorFactory.for_job(cfg, str(tiny_model))
+    gens, learners = factory.generators(), factory.learner_group()
     ray.get([a.ready.remote() for a in gens + learners.ranks])
     learners.connect(gens)
     yield cfg, gens, learners
     ray.shutdown()
-
-
-def hf_logprobs(model_dir, state: dict, ids: list[int], temperature: float = 1.0) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1] / temperature
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1).numpy()
 
 
 def generate(gen, rows, first_key=0, n=4):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.commands.evaluate import pass_at_k
-from tests.conftest import grpo
+from cluster.artifacts.eval_report import pass_at_k
+from tests.helpers import grpo
 
 SMALL = ["cluster.num_cpus=2", "rollout.max_tokens=48"]
 
@@ -78,14 +78,6 @@ def test_grpo_sft_lowers_the_loss_and_the_result_serves_in_vllm(tiny_model, tmp_
     # the random model writes noise; after SFT it writes the task's format
     text = load_vllm_and_sample(out, rows[0]["prompt"])
     assert text.startswith("<think>"), text
-
-
-def test_a_bad_sft_row_names_its_line(tiny_model, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')
-    proc = subprocess.run(grpo("sft", "--data", str(data), "--model", str(tiny_model), "--output", str(tmp_path / "o")),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"{data}:2: missing or empty required field 'completion'" in proc.stdout + proc.stderr
 
 
 def test_grpo_distill_end_to_end(full_run, tiny_model, tmp_path):

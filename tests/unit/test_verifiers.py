@@ -136,3 +136,73 @@ def test_contract_violations_are_errors():
         api.resolve("examples.nope:thing")
     with pytest.raises(ValueError, match="unknown verifier 'nope'"):
         api.resolve("nope")
+
+
+# The contract's optional attributes (rewards/api.py): answer_classes and correctness_priority.
+CLASS_CASE = ["2", "2.0", None, "", " 2 ", "x", "x", "y"]
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_CASES))
+def test_answer_classes_contract(name):
+    """answer_classes(answers) -> one class per answer: None exactly for no answer, else
+    the index of the first answer of its class (so a class's first answer is its own class)."""
+    from rewards.verifiers import classes_of
+
+    fn = VERIFIERS.get(name) or example_plugins()[name]
+    out = classes_of(fn)(list(CLASS_CASE))
+    assert len(out) == len(CLASS_CASE)
+    assert [c is None for c in out] == [not a for a in CLASS_CASE]
+    assert all(isinstance(c, int) and c <= i and out[c] == c for i, c in enumerate(out) if c is not None)
+    assert out[5] == out[6] == 5 and out[7] == 7  # the same text is always one class, "x" != "y"
+
+
+def test_answer_classes_values_and_default():
+    from rewards.verifiers import classes_of, group_answers
+
+    accuracy, math = classes_of(VERIFIERS["accuracy"]), classes_of(VERIFIERS["math"])
+    assert accuracy(["2", "2.0", "4/2", "3", None, " 3 "]) == [0, 0, 0, 3, None, 3]
+    assert math(["1/2", "0.5", "\\frac{1}{2}", "2", "x"]) == [0, 0, 0, 3, 4]
+    assert accuracy(["1/2", "0.5", "\\frac{1}{2}"]) == [0, 0, 2]  # exact rationals, not LaTeX
+    # no answer_classes of its own: the default (numbers as rationals, else stripped text)
+    assert not hasattr(VERIFIERS["countdown"], "answer_classes")
+    assert classes_of(VERIFIERS["countdown"]) is group_answers
+    assert classes_of(VERIFIERS["countdown"])(["1+2", "2+1", " 1+2", "3", "3.0"]) == [0, 1, 0, 3, 3]
+
+
+def test_answer_classes_is_a_request_kind_served_by_the_verifier_process():
+    """The child answers the protocol's "answer_classes" kind with the served verifier's
+    own method (a plug-in's included); a verifier name is never a request kind."""
+    from rewards import child
+
+    def upper(completion, fields):
+        return 0.0
+
+    upper.answer_classes = lambda answers: [0 if a else None for a in answers]  # everything is one class
+    served = {"accuracy": (VERIFIERS["accuracy"], {}), "mine": (upper, {})}
+    ask = {"id": 7, "kind": "answer_classes", "verifier": "accuracy", "answers": [["2", "2.0", None], ["a", "b"]]}
+    assert child.answer(served, ask) == {"id": 7, "score": 0.0, "info": {"classes": [[0, 0, None], [0, 1]]}, "error": None}
+    assert child.answer(served, {**ask, "verifier": "mine"})["info"] == {"classes": [[0, 0, None], [0, 0]]}
+    assert child.answer(served, {**ask, "kind": "nope"})["error"].startswith("protocol: unknown request kind 'nope'")
+    assert "answers" in child.answer(served, {**ask, "answers": "2"})["error"]
+    magic = {"id": 8, "verifier": "grpo:answer_classes", "completion": "", "fields": {"verifier": "accuracy", "answers": [["2"]]}}
+    assert child.answer(served, magic)["error"] == "unknown verifier 'grpo:answer_classes'"
+
+
+def test_correctness_verifier_is_declared_by_the_verifiers():
+    from rewards.api import correctness_verifier
+
+    declared = {n: fn.correctness_priority for n, fn in VERIFIERS.items() if hasattr(fn, "correctness_priority")}
+    assert declared == {"accuracy": 1, "math": 2}
+    assert correctness_verifier({"accuracy": 1.0, "format": 0.2}) == "accuracy"
+    assert correctness_verifier({"math": 1.0, "format": 0.2}) == "math"
+    assert correctness_verifier(["accuracy", "math"]) == correctness_verifier(["math", "accuracy"]) == "math"
+    assert correctness_verifier(["format", "countdown", "examples.my_verifiers:keyword", "mine"]) is None
+    assert correctness_verifier([]) is None
+
+
+def test_register_knows_only_the_contracts_attributes():
+    from rewards.verifiers import register
+
+    with pytest.raises(ValueError, match="unknown attributes"):
+        register("judge", judges_correctness=True)
+    assert "judge" not in VERIFIERS

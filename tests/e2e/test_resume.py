@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from tests.conftest import FULL_RUN, grpo, kill_session
+from tests.helpers import FULL_RUN, grpo, kill_session
 
 
 def test_kill_and_resume_equals_uninterrupted(runs_dir: Path, full_run):

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import grpo
+import pytest
+
+from tests.helpers import grpo
 
 CHAOS = ["model.cold_start.steps=150", "run.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7",
          "learner.lr=1e-3", "run.progress=false", "cluster.num_cpus=2", "run.checkpoint_every=2",
@@ -105,14 +107,71 @@ def test_a_lost_learner_rank_restarts_the_group_from_the_last_checkpoint(runs_di
     check_final_weights_load(run_dir)
 
 
-def test_too_many_faults_fail_the_job_naming_what_failed():
-    import pytest
+def generator_pids(sid: int) -> list[int]:
+    """Pids of the generator actors (Ray names their processes ray::Generator...) of one session."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) == sid and Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::Generator"):
+                out.append(int(pid))
+        except (OSError, ProcessLookupError):
+            pass
+    return sorted(out)
 
-    from cluster.config import load_config
-    from cluster.actors.supervisor import FaultLimit, Supervisor
 
-    sup = Supervisor(load_config(None, ["faults.max_restarts=1"]), "unused", [], None, 0, log=lambda m: None)
-    sup.record("reward worker", 0, "died (ActorDiedError)")  # within the limit
-    with pytest.raises(FaultLimit, match=r"reward worker failed 2 times \(faults.max_restarts=1\); last: reward worker 1: hung"):
-        sup.record("reward worker", 1, "hung")
-    assert sup.summary()["counts"] == {"reward worker": 2}
+def test_grpo_eval_survives_a_generator_killed_mid_evaluation(full_run, tmp_path):
+    """`grpo eval` samples through the training pipeline and supervisor: a generator lost
+    while it holds prompts is replaced, its prompts go to the other, nothing is lost."""
+    run_dir, _ = full_run
+    out = tmp_path / "eval"
+    proc = subprocess.Popen(grpo("eval", str(run_dir), "--k", "8", "--output", str(out), "cluster.num_cpus=2",
+                                 "rollout.num_generators=2", "faults.health_interval_s=1", "faults.health_timeout_s=5"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:  # "eval: N prompts x 8 samples on 2 generator(s)": sampling starts now
+        lines.append(line)
+        if line.startswith("eval:") and "generator(s)" in line:
+            break
+    time.sleep(0.5)
+    pids = generator_pids(proc.pid)
+    assert len(pids) == 2, "".join(lines)
+    os.kill(pids[0], signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, ("".join(lines) + rest)[-4000:]
+    report = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert report["faults"]["counts"] == {"generator": 1}
+    assert report["requeued_prompts"] >= 1  # it held prompts when it died
+    assert report["n_prompts"] == len(rows) == 90 and all(len(r["completions"]) == 8 for r in rows)
+    assert report["pass@1"] == pytest.approx(sum(sum(r["scores"]) for r in rows) / (90 * 8))
+    assert "fault: generator" in rest
+
+
+def test_a_periodic_evaluation_survives_a_generator_killed_mid_evaluation(runs_dir):
+    """Training's own evaluation after step 2 goes through the same pipeline: a generator
+    killed while it evaluates is replaced; the run and every evaluation complete."""
+    name = "chaos-eval"
+    run_dir = runs_dir / name
+    proc = subprocess.Popen(grpo("train", *[o for o in CHAOS if not o.startswith("eval.")], "run.steps=4",
+                                 "eval.every=2", "eval.k=8", "rollout.num_generators=2", "run.max_staleness=0",
+                                 f"run.name={name}", f"run.output_dir={runs_dir}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 900
+    # step 2's rollouts are recorded before its evaluation starts, its metrics row after it ends
+    while not ((run_dir / "rollouts" / "step-000002.msgpack").is_file() and steps_done(run_dir) == 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(generator_pids(proc.pid)[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    evals = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(0.0 <= e["eval/pass@1"] <= 1.0 for e in evals)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["faults"]["counts"] == {"generator": 1}
+    assert [f["step"] for f in summary["faults"]["faults"]] == [2]  # during step 2's evaluation
+    assert sum(r["faults/generator_restarts"] for r in rows) == 1
+    assert summary["prompts"]["taken"] == summary["prompts"]["trained"] == 4 * 4

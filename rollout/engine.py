@@ -1,0 +1,79 @@
+"""The generator's vLLM engine: its environment, its arguments, and one sample's
+sampling parameters (benchmarks build raw engines from the same pieces).
+
+The engine runs in the actor's own process (no engine subprocess). Every sample is its
+own vLLM request with its own seed (rollout/seeds.py), and records the behaviour logprob
+of each token (`logprobs_mode=processed_logprobs`: temperature applied).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rollout.buckets import ENGINE_NAME
+from rollout.config import RolloutConfig
+
+# Set before vLLM is imported (the actor's runtime_env sets them too).
+ENGINE_ENV = {
+    # Run the engine inside the actor process: ~3-10 s start instead of ~30 s, no
+    # core pinning, and tensors pass through collective_rpc as tensors.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # Every weight sync logs several INFO/WARNING lines per engine (layerwise reload
+    # of the tied output layer and rotary buffers, which are not sent on purpose).
+    "VLLM_LOGGING_LEVEL": "ERROR",
+}
+
+
+def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[str, Any]:
+    """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too)."""
+    return dict(
+        model=model_path,
+        dtype=cfg.dtype,
+        seed=index,
+        enforce_eager=cfg.enforce_eager,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+        enable_prefix_caching=True,
+        # The logprob of the distribution each token was drawn from (after temperature),
+        # not the raw model's: the behaviour policy of importance weights.
+        logprobs_mode="processed_logprobs",
+        weight_transfer_config={"backend": ENGINE_NAME},
+        worker_extension_cls="rollout.weight_sync.WorkerExtension",
+        # A prefill split over engine steps makes vLLM rewind the seeded sampler's
+        # generator, which CPU generators cannot do ("CPU Generator does not use
+        # offset"); re-prefills after a partial-rollout update are long enough to split.
+        enable_chunked_prefill=not cpu_platform(),
+        # Tensor parallel inside a Ray actor: vLLM's Ray executor, on the placement group
+        # the actor was scheduled in (cluster/actors/factory.py).
+        distributed_executor_backend="ray" if cfg.tensor_parallel_size > 1 else None,
+    )
+
+
+def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None = None) -> Any:
+    """One sample's SamplingParams: the training settings, or `sampling` overrides
+    (temperature, top_p, max_tokens; logprobs=False to skip them) for evaluation."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    s = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, logprobs=True)
+    s.update(sampling or {})
+    return SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
+                          logprobs=0 if s["logprobs"] else None, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0) -> Any:
+    """A vLLM engine in this process, with ENGINE_ENV applied first."""
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(model_path, cfg, index))
+
+
+def cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU backend here."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
