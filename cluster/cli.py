@@ -215,7 +215,7 @@ def _train(args: argparse.Namespace) -> int:
         f"(gain {summary['accuracy_gain']:+.3f}) | reward {summary[f'reward_mean_first{w}']:.3f} -> "
         f"{summary[f'reward_mean_last{w}']:.3f} | format {summary[f'format_rate_last{w}']:.3f}"
         + "".join(f"\neval after step {e['step']}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in e.items()
-                                                                  if k.startswith("eval/") and k != "eval/seconds")
+                                                                  if k.startswith("eval/") and k not in ("eval/seconds", "eval/requeued_prompts"))
                   for e in summary.get("evals", []))
         + f"\nrun directory: {summary['run_dir']}  (metrics.jsonl, plot.png, final/)"
     )

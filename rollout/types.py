@@ -61,9 +61,10 @@ def num_completion_tokens(groups: list[Group]) -> int:
     return sum(len(s.completion_ids) for g in groups for s in g.samples)
 
 
-def check_sampled(group: Group, source: str) -> None:
-    """A group as a generator hands it on: every sample has as many logprobs as
-    tokens, each finite and <= 0, at least one token, and a known finish reason."""
+def check_sampled(group: Group, source: str, logprobs: bool = True) -> None:
+    """A group as a generator hands it on: every sample has at least one token, a known
+    finish reason, and (when they were asked for: training; evaluation asks for none)
+    as many logprobs as tokens, each finite and <= 0."""
     if not group.samples:
         raise BoundaryError(f"{source}: prompt {group.key} came back with no samples")
     if not group.prompt_ids:
@@ -72,8 +73,9 @@ def check_sampled(group: Group, source: str) -> None:
         where = f"{source}: prompt {group.key} sample {k}"
         if not s.completion_ids:
             raise BoundaryError(f"{where}: no completion tokens")
-        if len(s.logprobs) != len(s.completion_ids):
-            raise BoundaryError(f"{where}: {len(s.logprobs)} logprobs for {len(s.completion_ids)} tokens")
+        if len(s.logprobs) != (len(s.completion_ids) if logprobs else 0):
+            raise BoundaryError(f"{where}: {len(s.logprobs)} logprobs for {len(s.completion_ids)} tokens"
+                                + ("" if logprobs else " (none asked for)"))
         bad = next((lp for lp in s.logprobs if not (math.isfinite(lp) and lp <= 1e-6)), None)
         if bad is not None:
             raise BoundaryError(f"{where}: logprob {bad} is not a finite log-probability")

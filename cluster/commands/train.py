@@ -100,7 +100,13 @@ def train(cfg: Config, log=print, resume: Path | None = None, verbose: bool = Tr
     """Run (or, with `resume`, continue from the run directory's last checkpoint) a job.
     Not verbose: what the actors print goes to RUN/logs/, one file per actor.
     trust_checkpoint: the resumed checkpoint may be unpickled (an older version's)."""
-    run = Run(cfg, log, resume, verbose, trust_checkpoint)
+    return drive(Run(cfg, log, resume, verbose, trust_checkpoint))
+
+
+def drive(run: "Run") -> dict[str, Any]:
+    """The loop. A learner fault anywhere in a step (its train call, the weight push, its
+    evaluation, the checkpoint after it) restarts the learner group from the last
+    complete checkpoint, and the steps after that checkpoint are done again."""
     step = run.state["step"]
     run.maybe_evaluate(step)
     while step < run.cfg.run.steps:
@@ -109,9 +115,9 @@ def train(cfg: Config, log=print, resume: Path | None = None, verbose: bool = Tr
             row.update(run.maybe_evaluate(step + 1))
             run.log_step(row)
             if run.cfg.run.checkpoint_every and (step + 1) % run.cfg.run.checkpoint_every == 0:
-                run.checkpoint(step + 1)  # a rank lost while saving is a learner fault like any other
+                run.checkpoint(step + 1)
         except LearnerFault as fault:
-            step = run.restart_learners(str(fault))  # from the last checkpoint: its steps are done again
+            step = run.restart_learners(str(fault))
             continue
         step += 1
     return run.finish()
@@ -211,7 +217,8 @@ class Run:
         report, _ = evaluate(self.pipeline, self.eval_rows, e.k, e.sampling(self.cfg.rollout.max_tokens),
                              self.cfg.rewards.verifiers, self.cfg.run.seed, e.timeout_s)
         out = {"eval/pass@1": report["pass@1"], f"eval/cons@{e.k}": report[f"cons@{e.k}"],
-               "eval/mean_length": report["mean_length"], "eval/seconds": time.perf_counter() - t0}
+               "eval/mean_length": report["mean_length"], "eval/seconds": time.perf_counter() - t0,
+               "eval/requeued_prompts": report["requeued_prompts"]}
         self.evals.append({"step": step, "version": self.version, **out})
         with (self.run_dir / "evals.jsonl").open("a") as f:
             f.write(json.dumps(self.evals[-1]) + "\n")

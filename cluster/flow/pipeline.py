@@ -385,11 +385,11 @@ class RolloutPipeline:
             self._lost_reward_worker(w, f"held a group for more than {self.s.reward_deadline_s:.0f} s")
 
     def _on_generated(self, generator: int, group: Group) -> None:
-        check_sampled(group, f"generator {generator}")
         with self._lock:
             ticket = self._tickets.get(group.key)
             if ticket is None or ticket.generator != generator:
                 return  # requeued meanwhile (its generator was declared lost): the other copy counts
+            check_sampled(group, f"generator {generator}", logprobs=(ticket.sampling or {}).get("logprobs", True))
             if len(group.samples) != len(ticket.seeds):
                 raise BoundaryError(f"generator {generator}: prompt {group.key} has {len(group.samples)} samples, "
                                     f"not the {len(ticket.seeds)} asked for")

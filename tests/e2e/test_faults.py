@@ -170,6 +170,7 @@ def test_a_periodic_evaluation_survives_a_generator_killed_mid_evaluation(runs_d
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     evals = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2, 4] and all(0.0 <= e["eval/pass@1"] <= 1.0 for e in evals)
+    assert evals[1]["eval/requeued_prompts"] >= 1  # the generator held evaluation prompts when it died
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["faults"]["counts"] == {"generator": 1}
     assert [f["step"] for f in summary["faults"]["faults"]] == [2]  # during step 2's evaluation

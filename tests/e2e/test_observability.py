@@ -21,7 +21,7 @@ def test_the_console_shows_our_lines_only(full_run):
     lines = [line for line in console.replace("\r", "\n").splitlines()
              if line.strip() and not line.startswith(("sft:", "grpo:"))]  # progress bars
     assert len(lines) <= 15, "\n".join(lines)
-    assert any(line.startswith("summary: 6 steps") for line in lines)
+    assert any(line.startswith("summary: 12 steps") for line in lines)
     logs = sorted(p.name for p in (run_dir / "logs").iterdir())
     assert "generator-0.log" in logs and "learner-0.log" in logs and "reward-worker-0.log" in logs, logs
     assert (run_dir / "logs" / "generator-0.log").stat().st_size > 0  # what the actors print went here

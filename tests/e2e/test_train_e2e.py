@@ -30,10 +30,10 @@ def test_grpo_train_cli_trains_every_parameter(full_run):
     from rewards.verifiers import accuracy_reward, format_reward
 
     run_dir, proc = full_run
-    assert "summary: 6 steps" in proc.stdout
+    assert "summary: 12 steps" in proc.stdout
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["policy_version"] for r in rows] == [0, 1, 2, 3, 4, 5]  # each step samples the previous update's weights
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["policy_version"] for r in rows] == list(range(12))  # each step samples the previous update's weights
     for r in rows:
         # the reward is the configured weighted sum of the verifiers (accuracy 1.0, format 0.2)
         assert r["reward_mean"] == pytest.approx(r["rewards/accuracy"] + 0.2 * r["rewards/format"])
@@ -43,7 +43,7 @@ def test_grpo_train_cli_trains_every_parameter(full_run):
         assert len(scored) == r["samples"]
         assert r["accuracy"] == pytest.approx(sum(accuracy_reward(t, row).value for t, row in scored) / len(scored))
         assert r["format_rate"] == pytest.approx(sum(format_reward(t, row) for t, row in scored) / len(scored))
-        assert r["samples"] == 16 and 0 < r["response_length"] <= 48
+        assert r["samples"] == 16 * 8 and 0 < r["response_length"] <= 48
         # behaviour logprobs are the sampler's at temperature 0.7, as the learner scores them
         assert r["train/sampler_logprob_diff"] < 1e-4 and r["train/skipped_updates"] == 0
         assert r["train/entropy"] > 0 and r["train/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
@@ -52,7 +52,7 @@ def test_grpo_train_cli_trains_every_parameter(full_run):
     assert max(r["train/grad_norm"] for r in rows) > 0  # (a step whose groups all tie has no gradient)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "plot.png").stat().st_size > 10_000
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["prompts"] == {"taken": 24, "trained": 24, "unfinished": 0}
+    assert summary["prompts"] == {"taken": 12 * 16, "trained": 12 * 16, "unfinished": 0}
     assert summary["accuracy_first5"] == pytest.approx(sum(r["accuracy"] for r in rows[:5]) / 5)
 
     start = AutoModelForCausalLM.from_pretrained(summary["model_start"], dtype=torch.float32)
@@ -82,8 +82,8 @@ def test_grpo_train_cli_trains_every_parameter(full_run):
 # tests/helpers.py, run once by the `full_run` fixture of tests/conftest.py), written out
 # here so that the reader sees which job gave it.
 HELD_OUT_JOB = [
-    "model.cold_start.steps=150", "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=2",
-    "run.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7", "learner.lr=1e-3",
+    "model.cold_start.steps=150", "run.steps=12", "run.checkpoint_every=2", "run.keep_checkpoints=2",
+    "run.prompts_per_step=16", "rollout.n=8", "rollout.temperature=0.7", "learner.lr=2e-4",
     "run.progress=false", "cluster.num_cpus=2", "run.loggers=[jsonl,tensorboard]",
     "run.max_staleness=0",
 ]
@@ -96,10 +96,10 @@ def test_training_raises_the_held_out_pass_at_1(full_run, capsys):
     run_dir, _ = full_run
     assert FULL_RUN == HELD_OUT_JOB, "the shared run changed: write it out above and check the gain again"
     evals = read_evals(run_dir)
-    assert [e["step"] for e in evals] == [0, 6], evals  # before the first step, after the last
+    assert [e["step"] for e in evals] == [0, 12], evals  # before the first step, after the last
     before, after = evals[0]["eval/pass@1"], evals[-1]["eval/pass@1"]
     with capsys.disabled():
-        print(f"\nheld-out pass@1 {before:.3f} -> {after:.3f} ({after - before:+.3f}) after 6 steps of "
+        print(f"\nheld-out pass@1 {before:.3f} -> {after:.3f} ({after - before:+.3f}) after 12 steps of "
               f"`grpo train {' '.join(HELD_OUT_JOB)}`")
     assert after - before >= 0.1, f"held-out pass@1 {before:.3f} -> {after:.3f}"
 

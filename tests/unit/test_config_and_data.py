@@ -1,5 +1,4 @@
 """Config loading, overrides and errors; datasets; the CLI's cheap paths."""
-import json
 import subprocess
 import sys
 import time
