@@ -38,25 +38,27 @@ def three_nodes(tmp_path_factory):
     head, dash, address = start_head(tmp, num_cpus=2, resources={"gen": 1}, node_ip=ip)
     workers = []
     try:
-        for name, cpus in (("learn", 2), ("cpu", 1)):
+        import ray
+
+        deadline = time.monotonic() + 180
+        # one node after the other: two raylets starting at once in one session both bind the
+        # session's sockets/plasma_store, and the second aborts ("Address already in use")
+        for count, (name, cpus) in enumerate((("learn", 2), ("cpu", 1)), start=2):
             workers.append(subprocess.Popen(
                 [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={address}",
                  f"--num-cpus={cpus}", f"--node-ip-address={ip}", f"--resources={json.dumps({name: 1})}",
                  "--disable-usage-stats", "--object-store-memory=300000000", *own_ports()],
                 env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
                 stdout=subprocess.DEVNULL, stderr=(tmp / f"{name}.err").open("w")))
-        deadline = time.monotonic() + 180
-        import ray
-
-        while True:
-            ray.init(address=address, logging_level="ERROR")
-            alive = [n for n in ray.nodes() if n["Alive"]]
-            ray.shutdown()
-            if len(alive) == 3:
-                break
-            assert time.monotonic() < deadline, f"only {len(alive)} of 3 nodes came up: " + " | ".join(
-                (tmp / f"{n}.err").read_text()[-1500:] for n in ("learn", "cpu"))
-            time.sleep(1)
+            while True:
+                ray.init(address=address, logging_level="ERROR")
+                alive = [n for n in ray.nodes() if n["Alive"]]
+                ray.shutdown()
+                if len(alive) == count:
+                    break
+                assert time.monotonic() < deadline, f"only {len(alive)} of {count} nodes came up: " + \
+                    (tmp / f"{name}.err").read_text()[-1500:]
+                time.sleep(1)
         yield address, dash, alive
     finally:
         for p in workers + [head]:
