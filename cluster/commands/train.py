@@ -30,7 +30,7 @@ from cluster.artifacts.metrics import MetricsLog, plot_training, slowest_generat
 from cluster.artifacts.record import Recorder, batch_records
 from cluster.commands.cold_start import prepare_model
 from cluster.commands.evaluate import evaluate
-from cluster.config import Config, ConfigError, dump_config
+from cluster.config import Config, ConfigError
 from cluster.data import PromptStream, apply_template, eval_rows, rl_rows
 from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
 from cluster.flow.reward_pool import reward_deadline_s
