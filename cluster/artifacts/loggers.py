@@ -67,4 +67,10 @@ class Loggers:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            # finish() can return before wandb's service has written the run's transaction log
+            # (seen in CI: a 7-byte .wandb); stopping the service flushes and closes it.
+            wandb.teardown()
+            self.wandb = None
