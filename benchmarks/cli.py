@@ -4,6 +4,7 @@ figure against its target (summary.json, summary.md, summary.png)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,9 +17,10 @@ BENCHMARKS = {
     "rewards": ("benchmarks.rewards", "reward workers (isolated verifier processes) vs inline"),
     "step": ("benchmarks.step", "the default job's step: wait for the batch / train / sync / idle, overhead share"),
     "pipeline": ("benchmarks.pipeline", "synchronous (S=0) against asynchronous (S=1, 2) training, pinned cores"),
+    "peer": ("benchmarks.peer", "the same job under TRL's GRPOTrainer, then ours (needs the bench extra)"),
 }
 RESULT_FILE = {"generation": "generation", "weight-sync": "weight_sync", "rewards": "rewards", "step": "step",
-               "pipeline": "pipeline"}
+               "pipeline": "pipeline", "peer": "peer"}
 
 USAGE = "usage: grpo bench {" + ",".join([*BENCHMARKS, "all", "summary"]) + "} [options]\n\n" + "\n".join(
     f"  {name:<12} {text}" for name, (_, text) in BENCHMARKS.items()
@@ -99,6 +101,9 @@ def run_all(out: Path) -> int:
     t0 = time.perf_counter()
     failed = []
     for name, (module, _) in BENCHMARKS.items():
+        if name == "peer" and importlib.util.find_spec("trl") is None:
+            print("\n=== grpo bench peer: skipped (TRL not installed: pip install 'grpo-cluster[bench]')", flush=True)
+            continue
         print(f"\n=== grpo bench {name} ({time.perf_counter() - t0:.0f} s so far)", flush=True)
         if subprocess.run([sys.executable, "-m", module, "--out", str(out)]).returncode:
             failed.append(name)

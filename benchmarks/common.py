@@ -25,6 +25,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "0.5M": dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=512),
     "1M": dict(hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=2, intermediate_size=512),
     "10M": dict(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=4, intermediate_size=1024),
+    "25M": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536),
     "50M": dict(hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=8, intermediate_size=2048),
     "150M": dict(hidden_size=768, num_layers=16, num_heads=12, num_kv_heads=12, intermediate_size=3072),
 }

@@ -154,6 +154,14 @@ class RunConfig(Section):
 
 
 class ClusterConfig(Section):
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    """disaggregated: generators and learner ranks on devices (cores) of their own, working
+    at once (run.max_staleness > 0 overlaps them). colocated: generator i shares the
+    devices of learner rank i (one pair per rank): the phases take turns (generate, score,
+    train, push), so run.max_staleness must be 0; on CPU each pair's actors are bound to
+    all of the pair's cores, and their idle threads soon sleep (GOMP_SPINCOUNT); on GPUs the
+    engines sleep (vLLM sleep mode) while the learner trains. The default job on 2 cores:
+    1.74 s/step disaggregated at S=1, 1.96 colocated, 2.37 disaggregated at S=0."""
     address: str | None = None
     """Ray address to join; None starts Ray locally (or joins the cluster a
     `ray job submit` entrypoint runs in)."""
@@ -175,9 +183,9 @@ class ClusterConfig(Section):
     reward_resources: dict[str, float] = {}
     """Custom Ray resources each reward worker asks for, e.g. {cpu_node: 1} for CPU-only nodes."""
     generator_threads: int | None = Field(None, ge=1)
-    """torch/OpenMP threads in each generator; None: its CPU share, rounded down, at least 1."""
+    """torch/OpenMP threads in each generator; None: its CPU share's whole cores (1.98 -> 2), at least 1."""
     learner_threads: int | None = Field(None, ge=1)
-    """torch/OpenMP threads in each learner rank; None: its CPU share, rounded down, at least 1.
+    """torch/OpenMP threads in each learner rank; None: its CPU share's whole cores, at least 1.
     Shares left at None split the cluster's CPUs evenly between the generators and
     learner ranks (CPU-only jobs; with GPUs each gets 1), so a default job never asks
     for more than the machine has."""
@@ -229,7 +237,22 @@ class Config(Section):
             raise ValueError("sync.backend=nccl needs GPUs: set cluster.generator_gpus and cluster.learner_gpus")
         if self.data.path is None and self.data.task is None:
             raise ValueError("data: set data.task or data.path")
+        if self.cluster.placement == "colocated":
+            _check_colocated(self)
         return self
+
+
+def _check_colocated(cfg: "Config") -> None:
+    if cfg.run.max_staleness > 0:
+        raise ValueError(f"cluster.placement=colocated takes turns on the same devices (generate, then train), so "
+                         f"nothing is sampled while the learner trains: set run.max_staleness=0 (got "
+                         f"{cfg.run.max_staleness}), or use placement=disaggregated to overlap them")
+    if cfg.rollout.tensor_parallel_size > 1:
+        raise ValueError("cluster.placement=colocated: rollout.tensor_parallel_size > 1 is not supported yet")
+    if cfg.rollout.num_generators != cfg.learner.num_ranks:
+        raise ValueError(f"cluster.placement=colocated pairs generator i with learner rank i: "
+                         f"rollout.num_generators ({cfg.rollout.num_generators}) must equal learner.num_ranks "
+                         f"({cfg.learner.num_ranks})")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

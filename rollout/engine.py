@@ -24,8 +24,10 @@ ENGINE_ENV = {
 }
 
 
-def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[str, Any]:
-    """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too)."""
+def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0, sleep_mode: bool = False) -> dict[str, Any]:
+    """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too).
+    sleep_mode (colocated on GPUs): the engine can free its KV cache and offload its
+    weights while the learner trains on the same device."""
     return dict(
         model=model_path,
         dtype=cfg.dtype,
@@ -35,6 +37,7 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[s
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
         enable_prefix_caching=True,
+        enable_sleep_mode=sleep_mode,
         # The logprob of the distribution each token was drawn from (after temperature),
         # not the raw model's: the behaviour policy of importance weights.
         logprobs_mode="processed_logprobs",
@@ -62,14 +65,14 @@ def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None
                           logprobs=0 if s["logprobs"] else None, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
-def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0) -> Any:
+def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0, sleep_mode: bool = False) -> Any:
     """A vLLM engine in this process, with ENGINE_ENV applied first."""
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
     from vllm import LLM
 
-    return LLM(**engine_kwargs(model_path, cfg, index))
+    return LLM(**engine_kwargs(model_path, cfg, index, sleep_mode))
 
 
 def cpu_platform() -> bool:

@@ -17,7 +17,7 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors.learners import LearnerGroup
-from cluster.actors.placement import PlacementError, alive_nodes, core_sets, log_env, thread_env
+from cluster.actors.placement import PlacementError, alive_nodes, core_sets, log_env, pair_bundle, thread_env
 from cluster.config import ClusterConfig, Config
 from learner.config import LearnerConfig
 from learner.learner import Learner
@@ -34,7 +34,7 @@ sync, probes): the engine itself is only ever touched by its own loop thread."""
 def generator_options(rollout: RolloutConfig, cluster: ClusterConfig, index: int = 0,
                       cores: list[int] | None = None) -> dict[str, Any]:
     """Ray options of a generator actor (benchmarks give raw engines the same)."""
-    env = {**ENGINE_ENV, **thread_env(cluster.generator_threads, cores)}
+    env = {**ENGINE_ENV, **thread_env(cluster.generator_threads, cores, cluster.placement == "colocated")}
     env.update({k: os.environ[k] for k in env if k in os.environ})  # a variable the user exported wins
     env.update(log_env(f"generator-{index}"))
     return {"num_cpus": cluster.generator_cpus, "num_gpus": cluster.generator_gpus,
@@ -58,6 +58,10 @@ class ActorFactory:
         self.rollout, self.rewards, self.learner, self.sync, self.cluster = rollout, rewards, learner, sync, cluster
         self.total_steps, self.sequences_per_step, self.step_timeout_s = total_steps, sequences_per_step, step_timeout_s
         self._tp_groups: dict[int, Any] = {}  # generator index -> its placement group (tensor parallel)
+        self._pairs: Any = None  # colocated: the pairs' placement group, kept across learner restarts
+        self.colocated = cluster.placement == "colocated"
+        self.turns = self.colocated and bool(cluster.generator_gpus or cluster.learner_gpus)
+        """Colocated on GPUs: the generators sleep while the learner trains (memory is shared)."""
 
     @classmethod
     def for_job(cls, cfg: Config, model_path: str) -> "ActorFactory":
@@ -65,6 +69,25 @@ class ActorFactory:
         return cls(model_path, cfg.rollout, cfg.rewards, cfg.learner, cfg.sync, cfg.cluster,
                    total_steps=cfg.run.steps, sequences_per_step=cfg.run.prompts_per_step * cfg.rollout.n,
                    step_timeout_s=cfg.faults.step_timeout_s)
+
+    def pairs(self) -> Any:
+        """Colocated: one placement group of one bundle per pair (PACK), made once; learner
+        rank i and generator i are scheduled in bundle i. It outlives any one learner group,
+        so the generators placed in it survive a learner restart."""
+        if self._pairs is None:
+            bundle, n = pair_bundle(self.cluster), self.learner.num_ranks
+            self._pairs = placement_group([bundle] * n, strategy="PACK")
+            try:
+                ray.get(self._pairs.ready(), timeout=self.cluster.start_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise PlacementError(f"the cluster cannot place {n} colocated pair(s) of {bundle} (PACK) within "
+                                     f"cluster.start_timeout_s={self.cluster.start_timeout_s:g} s") from None
+        return self._pairs
+
+    def close(self) -> None:
+        if self._pairs is not None:
+            ray.util.remove_placement_group(self._pairs)
+            self._pairs = None
 
     def cores(self) -> dict[str, list[int]]:
         return core_sets(self.cluster, self.rollout.num_generators, self.learner.num_ranks, alive_nodes())
@@ -90,8 +113,13 @@ class ActorFactory:
             options.update(num_gpus=0, resources=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_capture_child_tasks=True))
             options["runtime_env"]["env_vars"]["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, range(tp)))
+        elif self.colocated:
+            options.update(resources=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pairs(), placement_group_bundle_index=index))
+            if self.cluster.generator_gpus or self.cluster.learner_gpus:
+                options["num_gpus"] = 0.5
         return ray.remote(Generator).options(**options).remote(model_path or self.model_path, self.rollout, index,
-                                                               version)
+                                                               version, sleep_mode=self.turns)
 
     def generators(self, version: int = 0, model_path: str | None = None) -> list[Any]:
         return [self.generator(i, version, model_path) for i in range(self.rollout.num_generators)]
@@ -109,16 +137,7 @@ class ActorFactory:
     def learner_group(self, model_path: str | None = None) -> LearnerGroup:
         """All learner ranks in one PACK placement group; rank 0 hosts the rendezvous."""
         n, c = self.learner.num_ranks, self.cluster
-        bundle = {"CPU": c.learner_cpus, **c.learner_resources}
-        if c.learner_gpus:
-            bundle["GPU"] = c.learner_gpus
-        pg = placement_group([bundle] * n, strategy="PACK")  # on as few nodes as fit, spread when they do not
-        try:
-            ray.get(pg.ready(), timeout=c.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(pg)
-            raise PlacementError(f"the cluster cannot place {n} learner rank(s) of {bundle} (PACK) "
-                                 f"within cluster.start_timeout_s={c.start_timeout_s:g} s") from None
+        pg = self.pairs() if self.colocated else self._learner_group_pg()
         # Rank 0 hosts the DeepSpeed rendezvous: take an address and port on its node
         # (loopback only for a single rank on a single-node cluster).
         master_addr, master_port = ray.get(
@@ -129,11 +148,12 @@ class ActorFactory:
         )
         dist_backend = "nccl" if c.learner_gpus else "gloo"
         cores = self.cores()
+        gpus = (0.5 if c.generator_gpus or c.learner_gpus else 0.0) if self.colocated else c.learner_gpus
         ranks = [
             ray.remote(Learner).options(
-                num_cpus=c.learner_cpus, num_gpus=c.learner_gpus,
+                num_cpus=c.learner_cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                runtime_env={"env_vars": {**thread_env(c.learner_threads, cores.get(f"learner {rank}")),
+                runtime_env={"env_vars": {**thread_env(c.learner_threads, cores.get(f"learner {rank}"), self.colocated),
                                           **log_env(f"learner-{rank}")}},
             ).remote(
                 model_path or self.model_path, self.learner, rank, n, master_addr, master_port,
@@ -142,4 +162,19 @@ class ActorFactory:
             )
             for rank in range(n)
         ]
-        return LearnerGroup(ranks, pg, self.learner, self.sync, self.sequences_per_step, self.step_timeout_s)
+        return LearnerGroup(ranks, None if self.colocated else pg, self.learner, self.sync, self.sequences_per_step,
+                            self.step_timeout_s)
+
+    def _learner_group_pg(self) -> Any:
+        n, c = self.learner.num_ranks, self.cluster
+        bundle = {"CPU": c.learner_cpus, **c.learner_resources}
+        if c.learner_gpus:
+            bundle["GPU"] = c.learner_gpus
+        pg = placement_group([bundle] * n, strategy="PACK")  # on as few nodes as fit, spread when they do not
+        try:
+            ray.get(pg.ready(), timeout=c.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(pg)
+            raise PlacementError(f"the cluster cannot place {n} learner rank(s) of {bundle} (PACK) "
+                                 f"within cluster.start_timeout_s={c.start_timeout_s:g} s") from None
+        return pg

@@ -86,4 +86,5 @@ class LearnerGroup:
                 ray.kill(r, no_restart=True)
             except Exception:  # already gone
                 pass
-        ray.util.remove_placement_group(self.placement_group)
+        if self.placement_group is not None:  # colocated: the pairs' group stays (factory.pairs)
+            ray.util.remove_placement_group(self.placement_group)

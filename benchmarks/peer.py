@@ -1,0 +1,185 @@
+"""Ours against a peer on the same job: TRL's GRPOTrainer (HF generate and training in one
+process) and `grpo train`, one after the other on this machine.
+
+    grpo bench peer [--steps 15] [--warmup 5] [--size default|25M] [key.sub=value ...]
+
+The protocol is fixed and written into peer.json with TRL's full arguments, and neither side
+is tuned against the other:
+- the same cold-started model (the default job's, or a random 25M-parameter model), the same
+  RL prompts, the same verifiers and weights (scored in-process on TRL's side);
+- run.prompts_per_step prompts x rollout.n completions (32 x 8 by default), rollout.max_tokens
+  (48), temperature 1, one optimizer step per step, the same lr and schedule (cosine over the
+  run, no warm-up), no KL;
+- ours: the default job's placement (or what the overrides say); TRL: its own defaults for
+  threads (torch uses every core) on the CPU;
+- the figure: the median step time after the first --warmup steps, for both, and its ratio.
+
+TRL goes in the optional `bench` extra (pip install 'grpo-cluster[bench]'), never a core
+dependency; TRL's side runs in a child process of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DEFAULT_OUT, log, median, random_model, report
+
+
+def trl_arguments(cfg, steps: int, out_dir: str) -> dict[str, Any]:
+    """GRPOConfig's arguments for the job of `cfg` (everything else: TRL's defaults)."""
+    batch = cfg.run.prompts_per_step * cfg.rollout.n
+    return dict(output_dir=out_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                generation_batch_size=batch, num_generations=cfg.rollout.n, num_iterations=1,
+                max_completion_length=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, top_p=1.0,
+                learning_rate=cfg.learner.lr, lr_scheduler_type=cfg.learner.lr_schedule, warmup_steps=0,
+                beta=cfg.learner.kl_coef, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
+                use_cpu=True, seed=cfg.run.seed, reward_weights=None)
+
+
+def trl_child(spec_path: str) -> None:
+    """TRL's side, in its own process: train spec["steps"] steps, write each step's end time."""
+    spec = json.loads(Path(spec_path).read_text())
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards.api import resolve, run_one
+
+    verifiers = [(name, resolve(name), weight) for name, weight in spec["verifiers"].items()]
+
+    def reward(prompts, completions, **columns) -> list[float]:
+        out = []
+        for i, text in enumerate(completions):
+            fields = {k: v[i] for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
+            out.append(sum(w * run_one(fn, text, fields, {}).value for _, fn, w in verifiers))
+        return out
+
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(spec["model"]), reward_funcs=reward,
+                          args=GRPOConfig(**spec["trl_args"]), train_dataset=Dataset.from_list(spec["rows"]),
+                          processing_class=tok, callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    Path(spec["result"]).write_text(json.dumps({"start": start, "ends": ends, "threads": _threads()}))
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def ours(cfg, steps: int, out: Path) -> list[float]:
+    """`grpo train` on the job; -> each step's period (start to the next step's start)."""
+    import ray
+
+    from benchmarks.common import start_ray
+    from cluster.commands.train import train
+
+    start_ray()
+    cfg.run.output_dir, cfg.run.name = str(out / "_runs"), time.strftime("peer-%Y%m%d-%H%M%S")
+    try:
+        summary = train(cfg, log=log, verbose=False)
+    finally:
+        ray.shutdown()
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    starts = [r["time/started"] for r in rows]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def peer(cfg, steps: int, out: Path) -> tuple[list[float], dict[str, Any]]:
+    """TRL's side in a child process; -> each step's time, TRL's arguments and threads."""
+    from cluster.data import rl_rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = trl_arguments(cfg, steps, str(Path(tmp) / "trl"))
+        spec = {"model": cfg.model.path, "rows": rl_rows(cfg.data), "trl_args": args, "steps": steps,
+                "verifiers": {k: (v if isinstance(v, float) else v.weight) for k, v in cfg.rewards.verifiers.items()},
+                "result": str(Path(tmp) / "result.json")}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}  # TRL's own thread defaults
+        subprocess.run([sys.executable, "-m", "benchmarks.peer", "--trl-child", str(Path(tmp) / "spec.json")],
+                       check=True, env=env)
+        result = json.loads(Path(spec["result"]).read_text())
+    marks = [result["start"], *result["ends"]]
+    return [b - a for a, b in zip(marks, marks[1:])], {"trl_args": args, "trl_threads": result["threads"]}
+
+
+def plot(times: dict[str, list[float]], warmup: int, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for label, ts in times.items():
+        ax.plot(range(1, len(ts) + 1), ts, marker="o", ms=3, label=f"{label} (median {median(ts[warmup:]):.2f} s)")
+    ax.axvline(warmup + 0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds per step")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("the same GRPO job: grpo-cluster vs TRL GRPOTrainer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--trl-child"]:
+        trl_child(argv[1])
+        return {}
+    parser = argparse.ArgumentParser(prog="grpo bench peer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
+    parser.add_argument("--size", choices=["default", "25M"], default="default",
+                        help="the default job's cold-started model, or a random 25M-parameter model")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides of our side's job")
+    args = parser.parse_args(argv)
+    if args.steps < args.warmup + 3:
+        parser.error("--steps must be at least --warmup + 3")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        parser.error("TRL is not installed: pip install 'grpo-cluster[bench]'")
+    from cluster.commands.cold_start import prepare_model
+    from cluster.config import load_config
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    cfg = load_config(None, [f"run.steps={args.steps}", "eval.every=0", "run.progress=false", *args.overrides])
+    cfg.model.path = prepare_model(cfg, log) if args.size == "default" else random_model("25M", out)[0]
+    log(f"ours: {args.steps} steps of `grpo train` ({cfg.cluster.placement}, S={cfg.run.max_staleness})")
+    mine = ours(cfg.model_copy(deep=True), args.steps, out)
+    log(f"TRL: {args.steps} steps of GRPOTrainer")
+    theirs, trl_info = peer(cfg, args.steps, out)
+    batch = cfg.run.prompts_per_step * cfg.rollout.n
+    m_ours, m_trl = median(mine[args.warmup:]), median(theirs[args.warmup:])
+    result = {"size": args.size, "samples_per_step": batch, "ours_step_s": mine, "trl_step_s": theirs,
+              "ours_median_s": m_ours, "trl_median_s": m_trl, "ours_samples_per_s": batch / m_ours,
+              "trl_samples_per_s": batch / m_trl, "speedup_vs_trl": m_trl / m_ours, **trl_info}
+    log(f"ours {m_ours:.2f} s/step, TRL {m_trl:.2f} s/step: {m_trl / m_ours:.2f}x TRL's samples/s")
+    headers = ["", "s/step (median)", "samples/s", "vs TRL"]
+    rows = [["grpo-cluster", m_ours, batch / m_ours, m_trl / m_ours], ["TRL GRPOTrainer", m_trl, batch / m_trl, 1.0]]
+    config = {"args": vars(args), "config": cfg.model_dump(mode="json")}
+    name = "peer" if args.size == "default" else f"peer_{args.size}"
+    return report(name, out, config, result, {"peer/speedup_vs_trl": m_trl / m_ours}, headers, rows,
+                  lambda p: plot({"grpo-cluster": mine, "TRL": theirs}, args.warmup, p), started)
+
+
+if __name__ == "__main__":
+    main()
