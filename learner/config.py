@@ -64,6 +64,11 @@ class LearnerConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     micro_batch_size: int = Field(64, ge=1)
     """Sequences per forward/backward; gradients accumulate over a rank's batch."""
+    max_tokens_per_micro: int = Field(0, ge=0)
+    """Token budget of one forward/backward, counted padded (longest sequence x count); 0:
+    off, micro_batch_size counts sequences. On: sequences are dealt to the ranks by tokens
+    and packed longest first (learner/schedule.py), so long and short ones do not share a
+    padded micro-batch and every rank gets about the same work; the gradient is unchanged."""
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per rollout batch (the batch is split in as many mini-batches)."""
     advantage: str = "grpo"

@@ -22,7 +22,7 @@ import torch
 from learner import algos
 from learner.batch import Micro, Sequence, build_micro, counts, dummy_micro, flatten
 from learner.config import LearnerConfig
-from learner.schedule import StepPlan, micro_and_accumulation
+from learner.schedule import StepPlan, step_shape
 from rollout.config import WeightSyncConfig
 from rollout.host import node_id, pin_from_env, redirect_output_from_env
 from rollout.types import Group, Sample, check_scored
@@ -128,12 +128,13 @@ class Learner:
         # Every collective of the group has a deadline: a rank that died does not hang the others forever.
         deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=collective_timeout_s))
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self.micro, self.accumulation = micro_and_accumulation(sequences_per_step, world_size, cfg.updates_per_step,
-                                                               cfg.micro_batch_size)
+        self.micro, self.accumulation = step_shape(cfg, sequences_per_step, world_size)
         schedule = functools.partial(lr_factor, cfg=cfg, total=total_steps * cfg.updates_per_step)
         self.optimizer = GuardedAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                       betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        ds_config = deepspeed_config(cfg, self.micro, self.accumulation, world_size)
+        # token budgets: DeepSpeed is told it accumulates (2: its accumulating code paths); the
+        # boundary of each update is set by hand (_micro)
+        ds_config = deepspeed_config(cfg, self.micro, self.accumulation or 2, world_size)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
@@ -152,12 +153,21 @@ class Learner:
 
     # ----------------------------------------------------------------- training
     def _logprobs(self, model, micro: Micro) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (logprob of each next token (B, L-1), its distribution's entropy (B, L-1), no grad)."""
+        """-> (logprob of each next token (B, L-1), its distribution's entropy (B, L-1), no grad).
+        The policy's forward goes through the DeepSpeed engine, never its bare module: ZeRO-3
+        counts micro-steps in the engine's forward, and without it every backward of an
+        accumulation overwrote the one before (only the last micro-batch's gradient was kept)."""
         logits = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits[:, :-1]
         return algos.logprobs_and_entropy(logits, micro.input_ids[:, 1:], self.temperature)
 
-    def _micro(self, seqs: list[Sequence], lo: int, hi: int) -> Micro:
-        micro = build_micro(seqs[lo:hi], self.pad_id, self.cfg.mask_truncated) if hi > lo else dummy_micro(self.pad_id)
+    def _micro(self, seqs: list[Sequence], indices: tuple[int, ...], boundary: bool | None = None) -> Micro:
+        """The micro-batch of seqs[indices] (none: a padding micro-step). With a varying
+        number of micro-steps (token budgets), `boundary` tells DeepSpeed whether this
+        one's backward ends the accumulation."""
+        if boundary is not None and self.accumulation == 0:
+            self.engine.set_gradient_accumulation_boundary(boundary)
+        picked = [seqs[i] for i in indices]
+        micro = build_micro(picked, self.pad_id, self.cfg.mask_truncated) if picked else dummy_micro(self.pad_id)
         return micro.to(self.engine.device)
 
     def _global_sum(self, values: list[float]) -> list[float]:
@@ -191,9 +201,9 @@ class Learner:
             tokens, sequences = counts(seqs[u.start : u.stop], self.cfg.mask_truncated)
             # Sizes of the whole mini-batch, over every rank: the split does not change the gradient.
             norm = algos.Normaliser(tokens=max(tokens, 1.0), sequences=max(sequences, 1.0), constant=float(self.max_tokens))
-            for k, (lo, hi) in enumerate(u.micro[self.rank]):
-                micro = self._micro(seqs, lo, hi)
-                loss = self._loss(micro, None if proximal is None else proximal[(lo, hi)], norm, sums)
+            for k, indices in enumerate(u.micro[self.rank]):
+                micro = self._micro(seqs, indices, boundary=k == len(u.micro[self.rank]) - 1)
+                loss = self._loss(micro, None if proximal is None else proximal[(u.start, k)], norm, sums)
                 # DeepSpeed averages gradients over ranks: undo it (the normaliser is global).
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                 boundary = k == len(u.micro[self.rank]) - 1
@@ -231,9 +241,9 @@ class Learner:
         total, skipped_before = 0.0, self._skipped()
         for u in plan.updates:
             tokens = max(counts(seqs[u.start : u.stop], False)[0], 1.0)
-            for lo, hi in u.micro[self.rank]:
-                micro = self._micro(seqs, lo, hi)
-                logp, _ = self._logprobs(self.engine.module, micro)
+            for k, indices in enumerate(u.micro[self.rank]):
+                micro = self._micro(seqs, indices, boundary=k == len(u.micro[self.rank]) - 1)
+                logp, _ = self._logprobs(self.engine, micro)
                 loss = -(logp * micro.loss_mask).sum() / tokens
                 total += float(loss.detach())
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -254,13 +264,13 @@ class Learner:
         self.engine.eval()  # no dropout in the recomputation
         out = {}
         for u in plan.updates:
-            for lo, hi in u.micro[self.rank]:
-                out[(lo, hi)] = self._logprobs(self.engine.module, self._micro(seqs, lo, hi))[0]
+            for k, indices in enumerate(u.micro[self.rank]):
+                out[(u.start, k)] = self._logprobs(self.engine, self._micro(seqs, indices))[0]
         self.engine.train()
         return out
 
     def _loss(self, micro: Micro, proximal: torch.Tensor | None, norm: algos.Normaliser, sums: dict) -> torch.Tensor:
-        logp, ent = self._logprobs(self.engine.module, micro)
+        logp, ent = self._logprobs(self.engine, micro)
         prox = logp.detach() if proximal is None else proximal
         mask = micro.loss_mask
         weight = self.is_correction(prox, micro.behaviour, self.cfg.is_threshold_low, self.cfg.is_threshold_high) * mask

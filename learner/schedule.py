@@ -12,6 +12,16 @@ a step's batch size: dynamic sampling can leave fewer groups than ranks.
 
 Mini-batches are defined over the whole batch, not per rank, so the update does not
 depend on how many ranks share it. Pure Python: no torch.
+
+Token budgets (`learner.max_tokens_per_micro` > 0): each mini-batch's sequences are
+dealt to the ranks by tokens, longest first to the least-loaded rank (OpenRLHF's seqlen
+balancing), and each rank packs its own, longest first, into micro-batches whose padded
+size (longest x count) stays within the budget (verl's dynamic batch size); a sequence
+longer than the budget travels alone. The number of micro-steps then varies from step to
+step (`accumulation` is 0 in the plan): every rank runs as many as the busiest rank of
+that update, and the learner marks the last one as the accumulation boundary. The
+gradient is the same as the count split's: every loss is normalised by sizes of the
+whole mini-batch.
 """
 from __future__ import annotations
 
@@ -25,9 +35,9 @@ class Update:
 
     start: int
     stop: int
-    micro: tuple[tuple[tuple[int, int], ...], ...]
-    """micro[rank]: `accumulation` (start, stop) slices of the flattened batch;
-    an empty slice (start == stop) is a padding micro-step."""
+    micro: tuple[tuple[tuple[int, ...], ...], ...]
+    """micro[rank]: its micro-batches, each the indices (into the flattened batch) of its
+    sequences; an empty one is a padding micro-step. Every rank has as many."""
 
 
 @dataclass(frozen=True)
@@ -35,11 +45,12 @@ class StepPlan:
     num_sequences: int
     world: int
     accumulation: int
+    """Micro-steps per update, fixed at start-up; 0: varies (token budgets)."""
     updates: tuple[Update, ...]
 
-    def rank_sequences(self, rank: int) -> list[tuple[int, int]]:
-        """Every non-empty slice this rank trains on, in order."""
-        return [s for u in self.updates for s in u.micro[rank] if s[1] > s[0]]
+    def rank_sequences(self, rank: int) -> list[tuple[int, ...]]:
+        """Every non-empty micro-batch this rank trains on, in order."""
+        return [m for u in self.updates for m in u.micro[rank] if m]
 
 
 def micro_and_accumulation(sequences_per_step: int, world: int, updates: int, micro_batch_size: int) -> tuple[int, int]:
@@ -48,6 +59,26 @@ def micro_and_accumulation(sequences_per_step: int, world: int, updates: int, mi
     per_update = max(1, math.ceil(sequences_per_step / world / updates))
     micro = min(micro_batch_size, per_update)
     return micro, math.ceil(per_update / micro)
+
+
+def step_shape(cfg, sequences_per_step: int, world: int) -> tuple[int, int]:
+    """(sequences per micro-batch, micro-steps per update) a learner is built with, from
+    its LearnerConfig; token budgets: (1, 0), the micro-steps varying with the batch."""
+    if cfg.max_tokens_per_micro:
+        return 1, 0
+    return micro_and_accumulation(sequences_per_step, world, cfg.updates_per_step, cfg.micro_batch_size)
+
+
+def sequence_lengths(groups) -> list[int]:
+    """Tokens of every sequence of a step (prompt + completion), flattened as trained."""
+    return [len(g.prompt_ids) + len(s.completion_ids) for g in groups for s in g.samples]
+
+
+def plan_for(cfg, world: int, micro: int, accumulation: int, lengths: list[int]) -> StepPlan:
+    """The step's plan for a learner of this shape: by tokens or by count."""
+    if cfg.max_tokens_per_micro:
+        return plan_by_tokens(lengths, world, cfg.updates_per_step, cfg.max_tokens_per_micro)
+    return plan_step(len(lengths), world, cfg.updates_per_step, micro, accumulation)
 
 
 def _split(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
@@ -59,6 +90,46 @@ def _split(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
         out.append((lo, hi))
         lo = hi
     return out
+
+
+def _balanced(indices: range, lengths: list[int], world: int) -> list[list[int]]:
+    """Deal sequences to ranks by tokens: longest first, each to the least-loaded rank."""
+    loads, out = [0] * world, [[] for _ in range(world)]
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], len(out[r]), r))
+        out[r].append(i)
+        loads[r] += lengths[i]
+    return out
+
+
+def _packed(indices: list[int], lengths: list[int], budget: int) -> list[tuple[int, ...]]:
+    """Longest first into micro-batches of at most `budget` padded tokens (longest x count)."""
+    micros: list[tuple[int, ...]] = []
+    current: list[int] = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if current and lengths[current[0]] * (len(current) + 1) > budget:
+            micros.append(tuple(current))
+            current = []
+        current.append(i)
+    return micros + ([tuple(current)] if current else [])
+
+
+def plan_by_tokens(lengths: list[int], world: int, updates: int, max_tokens_per_micro: int) -> StepPlan:
+    """The schedule of a step under a token budget; lengths[i]: tokens of sequence i
+    (prompt + completion)."""
+    if not lengths:
+        raise ValueError("a learner step needs at least one sequence (skip the step instead)")
+    if min(lengths) < 1 or max_tokens_per_micro < 1:
+        raise ValueError("token budgets need sequences of at least one token and a budget of at least one")
+    plan = []
+    for start, stop in _split(0, len(lengths), updates):
+        if stop == start:
+            continue
+        per_rank = [_packed(part, lengths, max_tokens_per_micro)
+                    for part in _balanced(range(start, stop), lengths, world)]
+        steps = max(1, *map(len, per_rank))
+        plan.append(Update(start, stop, tuple(tuple(m) + ((),) * (steps - len(m)) for m in per_rank)))
+    return StepPlan(len(lengths), world, 0, tuple(plan))
 
 
 def plan_step(num_sequences: int, world: int, updates: int, micro: int, accumulation: int) -> StepPlan:
@@ -78,10 +149,10 @@ def plan_step(num_sequences: int, world: int, updates: int, micro: int, accumula
             continue
         per_rank = []
         for lo, hi in _split(start, stop, world):
-            slices = [(s, min(s + micro, hi)) for s in range(lo, hi, micro)]
+            slices = [tuple(range(s, min(s + micro, hi))) for s in range(lo, hi, micro)]
             if len(slices) > accumulation:  # cannot happen when capacity holds; kept as a guard
                 raise ValueError(f"a rank's {hi - lo} sequences need {len(slices)} micro-steps > {accumulation}")
-            slices += [(hi, hi)] * (accumulation - len(slices))
+            slices += [()] * (accumulation - len(slices))
             per_rank.append(tuple(slices))
         plan.append(Update(start, stop, tuple(per_rank)))
     return StepPlan(num_sequences, world, accumulation, tuple(plan))

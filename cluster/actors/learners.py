@@ -9,7 +9,7 @@ import ray
 from cluster.actors.faults import LearnerFault, is_actor_gone
 from learner.checkpoint_engine import UnsafeCheckpoint
 from learner.config import LearnerConfig
-from learner.schedule import StepPlan, micro_and_accumulation, plan_step
+from learner.schedule import StepPlan, plan_for, sequence_lengths, step_shape
 from rollout.config import WeightSyncConfig
 from rollout.types import Group
 
@@ -19,13 +19,11 @@ class LearnerGroup:
                  sequences_per_step: int, step_timeout_s: float) -> None:
         self.ranks, self.placement_group = ranks, placement_group
         self.learner, self.sync, self.step_timeout_s = learner, sync, step_timeout_s
-        self.micro, self.accumulation = micro_and_accumulation(
-            sequences_per_step, len(ranks), learner.updates_per_step, learner.micro_batch_size)
+        self.micro, self.accumulation = step_shape(learner, sequences_per_step, len(ranks))
 
     def plan(self, groups: list[Group]) -> StepPlan:
         """The step's schedule, made once here and handed to every rank."""
-        return plan_step(sum(len(g.samples) for g in groups), len(self.ranks), self.learner.updates_per_step,
-                         self.micro, self.accumulation)
+        return plan_for(self.learner, len(self.ranks), self.micro, self.accumulation, sequence_lengths(groups))
 
     def _get(self, refs: list[Any], what: str, timeout_s: float | None) -> list[Any]:
         """ray.get with a deadline; a rank that died or did not answer is a LearnerFault."""
@@ -49,7 +47,7 @@ class LearnerGroup:
 
     def sft(self, examples: list[tuple[list[int], list[int]]], timeout_s: float | None = None) -> dict[str, float]:
         """One supervised step on every rank: (prompt ids, completion ids) pairs."""
-        plan = plan_step(len(examples), len(self.ranks), self.learner.updates_per_step, self.micro, self.accumulation)
+        plan = plan_for(self.learner, len(self.ranks), self.micro, self.accumulation, [len(p) + len(c) for p, c in examples])
         ref = ray.put(examples)
         return self._get([r.sft_step.remote(ref, plan) for r in self.ranks], "an SFT step", timeout_s)[0]
 

@@ -137,6 +137,48 @@ def test_zero_stages_on_two_ranks_give_the_stage0_gradient_with_a_kl_term(ray_se
             group.kill()
 
 
+def test_token_budget_micro_batches_give_the_count_split_gradient(ray_session, tiny_model):
+    # learner.max_tokens_per_micro: sequences dealt to ranks by tokens and packed longest first,
+    # a number of micro-steps that varies with the batch; the gradient must be the count split's
+    whole = learner_group(tiny_model, 1, 16, lr=1e-30)
+    budgets = {"1 rank": learner_group(tiny_model, 1, 16, lr=1e-30, max_tokens_per_micro=30),
+               "2 ranks, ZeRO-2": learner_group(tiny_model, 2, 16, lr=1e-30, max_tokens_per_micro=30, zero_stage=2),
+               # ZeRO-3 accumulating 4 micro-steps by count: it kept only the last one's gradient
+               # while the learner called the bare module (not the engine) in its forward
+               "2 ranks, ZeRO-3, 4 micro-steps": learner_group(tiny_model, 2, 2, lr=1e-30, zero_stage=3),
+               "2 ranks, ZeRO-3": learner_group(tiny_model, 2, 16, lr=1e-30, max_tokens_per_micro=30, zero_stage=3)}
+    ready(whole, *budgets.values())
+    try:
+        for groups in (synthetic_groups(seed=7), synthetic_groups(1, n=3, seed=8)):  # full, and fewer than ranks
+            plan = budgets["2 ranks, ZeRO-2"].plan(groups)
+            assert plan.accumulation == 0 and len(plan.updates[0].micro[0]) >= (2 if len(groups) > 1 else 1)
+            [a] = run_step(whole, groups)
+            for name, group in budgets.items():
+                for r in run_step(group, groups):
+                    assert_same_gradients(a["gradients"], r["gradients"])
+                    for key in METRICS:
+                        assert r[key] == pytest.approx(a[key], abs=1e-6), (name, key)
+        before = ray.get(whole.ranks[0].state_dict_numpy.remote())
+    finally:
+        for group in (whole, *budgets.values()):
+            group.kill()
+    one = learner_group(tiny_model, 1, 16, updates_per_step=2, lr=1e-2)
+    two = learner_group(tiny_model, 2, 16, updates_per_step=2, lr=1e-2, max_tokens_per_micro=24)
+    ready(one, two)
+    try:  # two steps of two updates each (the second off-policy): the same weights at the end
+        for seed in (9, 10):
+            [x] = run_step(one, synthetic_groups(3, seed=seed), capture=False)
+            y = run_step(two, synthetic_groups(3, seed=seed), capture=False)
+            assert y[0]["train/loss"] == pytest.approx(x["train/loss"], abs=1e-6) and x["train/updates"] == 2
+        wa = ray.get(one.ranks[0].state_dict_numpy.remote())
+        wb = ray.get(two.ranks[0].state_dict_numpy.remote())
+        moved = max(np.abs(wa[k] - before[k]).max() for k in wa)
+        assert moved > 1e-3 and max(np.abs(wa[k] - wb[k]).max() for k in wa) < 2e-3 * moved
+    finally:
+        one.kill()
+        two.kill()
+
+
 def _poison(learner) -> None:
     """Fault injection: a NaN in one weight (as a bug or a bad optimizer step would leave it)."""
     import torch

@@ -1,5 +1,6 @@
 """Advantage, loss and reduction values against numbers worked out by hand."""
 import math
+import random
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 
 from learner import algos
 from learner.batch import build_micro, flatten
-from learner.schedule import micro_and_accumulation, plan_step
+from learner.schedule import micro_and_accumulation, plan_by_tokens, plan_step
 from rollout.seeds import sample_seeds
 from rollout.types import Group, Sample
 from tests.helpers import ROOT
@@ -203,12 +204,13 @@ def test_build_micro_masks_exactly_the_completion_targets_and_pads_to_its_own_lo
 def test_step_plan_gives_every_rank_the_same_number_of_micro_steps(sequences, world, updates):
     micro, acc = micro_and_accumulation(64, world, updates, micro_batch_size=8)
     plan = plan_step(sequences, world, updates, micro, acc)
-    covered = sorted(i for rank in range(world) for lo, hi in plan.rank_sequences(rank) for i in range(lo, hi))
+    covered = sorted(i for rank in range(world) for m in plan.rank_sequences(rank) for i in m)
     assert covered == list(range(sequences))  # every sequence exactly once
     for u in plan.updates:
         assert u.stop > u.start  # no optimizer step on no data
         assert all(len(slots) == acc for slots in u.micro)  # same count on every rank
-        assert all(u.start <= lo <= hi <= u.stop and hi - lo <= micro for slots in u.micro for lo, hi in slots)
+        assert all(list(m) == list(range(m[0], m[-1] + 1)) and u.start <= m[0] and m[-1] < u.stop and len(m) <= micro
+                   for slots in u.micro for m in slots if m)  # contiguous slices of the mini-batch
     assert len(plan.updates) == min(updates, sequences)
     # mini-batches are defined over the whole batch, so they do not depend on the ranks
     assert [(u.start, u.stop) for u in plan.updates] == [(u.start, u.stop) for u in plan_step(sequences, 1, updates, 64, 1).updates]
@@ -237,4 +239,35 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_plans_agree_with_the_learner_capacity():
     plan = plan_step(3, 2, 1, micro=8, accumulation=1)
-    assert plan.updates[0].micro == (((0, 2),), ((2, 3),))
+    assert plan.updates[0].micro == (((0, 1),), ((2,),))
+
+
+@pytest.mark.parametrize("world, updates", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 1)])
+def test_token_plan_balances_ranks_by_tokens_and_keeps_each_micro_batch_within_the_budget(world, updates):
+    rng = random.Random(world * 10 + updates)
+    lengths = [rng.choice([5, 9, 20, 47, 60]) for _ in range(41)]
+    budget = 128
+    plan = plan_by_tokens(lengths, world, updates, budget)
+    assert plan.accumulation == 0  # varies with the batch
+    covered = sorted(i for rank in range(world) for m in plan.rank_sequences(rank) for i in m)
+    assert covered == list(range(len(lengths)))
+    # the mini-batches are the count plan's: the same sequences in each optimizer step
+    assert [(u.start, u.stop) for u in plan.updates] == [(u.start, u.stop) for u in plan_step(41, 1, updates, 64, 1).updates]
+    for u in plan.updates:
+        assert len({len(slots) for slots in u.micro}) == 1  # the same number of micro-steps on every rank
+        for slots in u.micro:
+            for m in slots:
+                assert all(u.start <= i < u.stop for i in m)
+                assert len(m) <= 1 or max(lengths[i] for i in m) * len(m) <= budget
+        loads = [sum(lengths[i] for m in slots for i in m) for slots in u.micro]
+        assert max(loads) - min(loads) <= max(lengths[u.start:u.stop])  # greedy by tokens: within one sequence
+
+
+def test_token_plan_packs_long_sequences_alone_and_short_ones_together():
+    plan = plan_by_tokens([100, 10, 10, 10, 300, 10], world=1, updates=1, max_tokens_per_micro=40)
+    assert plan.updates[0].micro == (((4,), (0,), (1, 2, 3, 5)),)
+    two = plan_by_tokens([100, 10, 10, 10, 300, 10], world=2, updates=1, max_tokens_per_micro=40)
+    # rank 0 takes the 300; rank 1 the 100 and then every 10 (its load stays below 300)
+    assert two.updates[0].micro == (((4,), ()), ((0,), (1, 2, 3, 5)))
+    with pytest.raises(ValueError, match="at least one sequence"):
+        plan_by_tokens([], 1, 1, 40)
