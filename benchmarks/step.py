@@ -9,7 +9,10 @@ the driver's own bookkeeping.
     grpo bench step [--steps 12] [--warmup 2] [key.sub=value ...]
 
 Runs the real `grpo train` loop (cluster/commands/train.py) with run.steps=--steps on the
-default job's model (the cached cold start of `grpo train`, built if missing).
+default job's model (the cached cold start of `grpo train`, built if missing). Then the last
+step's batch (its recorded prompts and seeds) is generated again outside the job, by raw
+`vllm.LLM.generate` and by HF `generate` (with scores), each in an actor on the
+generator's cores and threads: the in-job engine time against both, side by side.
 """
 from __future__ import annotations
 
@@ -22,6 +25,72 @@ from typing import Any
 from benchmarks.common import DEFAULT_OUT, log, median, report
 
 PHASES = ["wait_batch", "train", "sync", "idle"]
+
+
+class HFEngine:
+    """transformers' `generate` on the generator's cores and threads: the same prompts,
+    n samples each, the same temperature and length, with the scores kept (logprobs)."""
+
+    def __init__(self, model_path: str, cfg: Any) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rollout.host import pin_from_env
+
+        pin_from_env()
+        self.cfg, self.torch = cfg, torch
+        self.tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[list[int]]) -> dict[str, float]:
+        torch, pad = self.torch, self.tok.pad_token_id or 0
+        ids = [p for p, s in zip(prompt_ids, seeds) for _ in s]
+        width = max(map(len, ids))
+        x = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+        torch.manual_seed(seeds[0][0])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(input_ids=x, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                                      temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_tokens,
+                                      output_scores=True, return_dict_in_generate=True, pad_token_id=pad)
+            self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        seconds = time.perf_counter() - t0
+        eos, tokens = self.tok.eos_token_id, 0
+        for row in out.sequences[:, width:].tolist():  # up to and with the first EOS
+            tokens += row.index(eos) + 1 if eos in row else len(row)
+        return {"seconds": seconds, "tokens": tokens, "samples": len(ids)}
+
+    def ready(self) -> bool:
+        return True
+
+
+def same_batch(cfg, run_dir: Path, step: int, reps: int) -> dict[str, float]:
+    """Step `step`'s recorded prompts and seeds, generated outside the job by raw vLLM and
+    by HF generate, each in an actor with the job's generator options (cores, threads):
+    -> the median seconds of each."""
+    import ray
+
+    from benchmarks.common import CALL_TIMEOUT_S, resolved
+    from benchmarks.generation import RawEngine
+    from cluster.actors.factory import generator_options
+    from cluster.actors.placement import alive_nodes, core_sets
+    from cluster.artifacts.record import load
+
+    groups = load(run_dir, step)["groups"]
+    prompts, ids = [g["prompt"] for g in groups], [g["prompt_ids"] for g in groups]
+    seeds = [[s["seed"] for s in g["samples"]] for g in groups]
+    c = resolved(cfg).cluster
+    options = generator_options(cfg.rollout, c, 0, core_sets(c, 1, cfg.learner.num_ranks, alive_nodes()).get("generator 0"))
+    out = {}
+    for name, cls, args in (("raw_vllm", RawEngine, prompts), ("hf_generate", HFEngine, ids)):
+        actor = ray.remote(cls).options(**options).remote(cfg.model.path, cfg.rollout)
+        ray.get(actor.ready.remote(), timeout=CALL_TIMEOUT_S)
+        times = [ray.get(actor.generate.remote(args, seeds), timeout=CALL_TIMEOUT_S)["seconds"] for _ in range(reps + 1)]
+        out[f"{name}_s"] = median(times[1:])  # the first call warms the engine up
+        ray.kill(actor)
+        log(f"{name}: {out[f'{name}_s']:.2f} s for step {step}'s batch ({reps} reps)")
+    return out
 
 
 def breakdown(rows: list[dict[str, Any]], warmup: int) -> list[dict[str, float]]:
@@ -74,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="grpo bench step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out (engine warm-up)")
+    parser.add_argument("--reps", type=int, default=3, help="raw vLLM / HF generate repetitions of the last batch")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for grpo train")
     args = parser.parse_args(argv)
@@ -97,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         ray.shutdown()
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    start_ray()  # the job's actors are gone: the same batch again, raw, on the generator's cores
+    try:
+        outside = same_batch(cfg, Path(summary["run_dir"]), args.steps, args.reps)
+    finally:
+        ray.shutdown()
     samples = cfg.run.prompts_per_step * cfg.rollout.n
     for row in rows:
         row["tokens"] = row["response_length"] * row["samples"]
@@ -109,15 +184,22 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_share": median([s["overhead_s"] / s["period_s"] for s in steps]),
         "generator_busy_share": median([s["generate_compute_s"] / s["period_s"] for s in steps]),
         "learner_busy_share": median([s["train_compute_s"] / s["period_s"] for s in steps]),
-        "run_dir": summary["run_dir"],
+        "run_dir": summary["run_dir"], **outside,
+        "in_job_vs_raw_vllm": med["generate_compute_s"] / outside["raw_vllm_s"],
+        "in_job_vs_hf_generate": med["generate_compute_s"] / outside["hf_generate_s"],
     }
-    headers = ["", "step", *PHASES, "vLLM", "learner", "overhead"]
-    row = [period, *[med[f"{p}_s"] for p in PHASES], med["generate_compute_s"], med["train_compute_s"], med["overhead_s"]]
+    headers = ["", "step", *PHASES, "vLLM", "learner", "overhead", "raw vLLM", "HF generate"]
+    row = [period, *[med[f"{p}_s"] for p in PHASES], med["generate_compute_s"], med["train_compute_s"], med["overhead_s"],
+           outside["raw_vllm_s"], outside["hf_generate_s"]]
     table = [["seconds", *row], ["share of step", *[v / period for v in row]]]
+    log(f"the batch's generation: in the job {med['generate_compute_s']:.2f} s (engine steps), raw vLLM "
+        f"{outside['raw_vllm_s']:.2f} s, HF generate {outside['hf_generate_s']:.2f} s, same cores")
     log(f"{len(steps)} steps measured: {period:.2f} s per step, {result['samples_per_s']:.0f} samples/s, "
         f"overhead {result['overhead_share']:.1%}")
     summary_out = {"step/seconds": period, "step/samples_per_s": result["samples_per_s"],
-                   "step/overhead_share": result["overhead_share"]}
+                   "step/overhead_share": result["overhead_share"],
+                   "step/in_job_vs_raw_vllm": result["in_job_vs_raw_vllm"],
+                   "step/in_job_vs_hf_generate": result["in_job_vs_hf_generate"]}
     config = {"args": vars(args), "config": cfg.model_dump(mode="json")}
     return report("step", args.out, config, result, summary_out, headers, table, lambda p: plot(steps, p), started)
 

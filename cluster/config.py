@@ -249,6 +249,9 @@ def _check_colocated(cfg: "Config") -> None:
                          f"{cfg.run.max_staleness}), or use placement=disaggregated to overlap them")
     if cfg.rollout.tensor_parallel_size > 1:
         raise ValueError("cluster.placement=colocated: rollout.tensor_parallel_size > 1 is not supported yet")
+    if cfg.cluster.generator_gpus or cfg.cluster.learner_gpus:
+        raise ValueError("cluster.placement=colocated on GPUs is not supported yet: the weights would need CUDA IPC "
+                         "(NCCL refuses two ranks on one GPU); use placement=disaggregated (README, Placement)")
     if cfg.rollout.num_generators != cfg.learner.num_ranks:
         raise ValueError(f"cluster.placement=colocated pairs generator i with learner rank i: "
                          f"rollout.num_generators ({cfg.rollout.num_generators}) must equal learner.num_ranks "

@@ -24,7 +24,7 @@ class TinyModelConfig(Section):
 class ColdStartConfig(Section):
     """Supervised warm-up on the task's reference completions, as R1 does before RL."""
 
-    steps: int = Field(600, ge=0)
+    steps: int = Field(200, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0

@@ -61,8 +61,11 @@ def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None
 
     s = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, logprobs=True)
     s.update(sampling or {})
+    # detokenize=False: no incremental detokenisation at every engine step (on the default
+    # batch, 1 core: 1.22 -> 0.97 s raw); the generator decodes each finished sample once
     return SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
-                          logprobs=0 if s["logprobs"] else None, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY)
+                          logprobs=0 if s["logprobs"] else None, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY,
+                          detokenize=False)
 
 
 def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0, sleep_mode: bool = False) -> Any:

@@ -57,6 +57,9 @@ class EngineLoop:
 
     def __init__(self, llm: Any, cfg: RolloutConfig, index: int, version: int) -> None:
         self.llm, self.cfg, self.index, self.version = llm, cfg, index, version
+        # vLLM detokenises no token as it samples (engine.sample_params): each finished
+        # sample is decoded once here instead
+        self._tokenizer = llm.get_tokenizer()
         self._timings: dict[str, float] = {}
         self._cv = threading.Condition()
         self._pending: list[_Job] = []
@@ -138,6 +141,8 @@ class EngineLoop:
             self.llm.llm_engine.add_request(rid, prompt, params)
 
     def _step(self) -> None:
+        self.time("generate/steps", 1.0)  # counts, not seconds: how full each engine step is
+        self.time("generate/sequences", float(len(self._requests)))  # in flight (running or queued)
         t0 = time.perf_counter()
         outputs = self.llm.llm_engine.step()
         t1 = time.perf_counter()
@@ -170,7 +175,8 @@ class EngineLoop:
         logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs)] if c.logprobs is not None else []
         spans = c.weight_versions or []
         versions = [(int(s.version), s.start) for s in spans if s.end > s.start] or [(self.version, 0)]
-        return Sample(ids, logprobs, c.text, c.finish_reason or "length", versions, seed)
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        return Sample(ids, logprobs, text, c.finish_reason or "length", versions, seed)
 
     def _check(self) -> None:
         if self._error is not None:

@@ -100,6 +100,10 @@ def slowest_generator(per_actor: list[dict[str, float]]) -> dict[str, float]:
     sync_phases = ("sync/start", "sync/receive", "sync/finish")  # wait, load and pause are parts of these
     out["time/sync_generator"] = max(sum(t.get(k, 0.0) for k in sync_phases) for t in per_actor)
     out["time/sync_pause"] = max(t.get("sync/pause", 0.0) for t in per_actor)
+    # how full the engines' steps were: sequences in flight per engine step, and the steps
+    steps = sum(t.get("generate/steps", 0.0) for t in per_actor)
+    out["generate/engine_steps"] = max(t.get("generate/steps", 0.0) for t in per_actor)
+    out["generate/batch_mean"] = sum(t.get("generate/sequences", 0.0) for t in per_actor) / steps if steps else 0.0
     return out
 
 

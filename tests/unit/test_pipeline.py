@@ -13,3 +13,12 @@ def test_generator_timings_take_the_slowest_and_count_the_sync_once():
     assert out["time/generate_engine"] == 2.5 and out["time/generate_convert"] == 0.01
     # wait and load are parts of receive: 0.01 + 0.3 + 0.02, not 0.63
     assert out["time/sync_generator"] == pytest.approx(0.33)
+
+
+def test_engine_fullness_is_sequences_in_flight_per_engine_step_over_all_generators():
+    a = {"generate/engine": 1.0, "generate/steps": 50.0, "generate/sequences": 50 * 200.0}
+    b = {"generate/engine": 1.2, "generate/steps": 60.0, "generate/sequences": 60 * 90.0}
+    out = slowest_generator([a, b])
+    assert out["generate/engine_steps"] == 60.0
+    assert out["generate/batch_mean"] == pytest.approx((50 * 200 + 60 * 90) / 110)
+    assert slowest_generator([{}])["generate/batch_mean"] == 0.0

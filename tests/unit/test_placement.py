@@ -74,6 +74,8 @@ def test_colocated_threads_soon_sleep_and_an_exported_setting_wins(monkeypatch):
     (["cluster.placement=colocated", "run.max_staleness=0", "rollout.tensor_parallel_size=2"],
      "tensor_parallel_size > 1"),
     (["cluster.placement=hybrid"], "cluster.placement"),
+    (["cluster.placement=colocated", "run.max_staleness=0", "cluster.learner_gpus=1", "cluster.generator_gpus=1"],
+     "CUDA IPC"),
 ])
 def test_a_colocated_job_that_cannot_take_turns_is_refused_at_load(overrides, words):
     with pytest.raises(ConfigError) as e:
