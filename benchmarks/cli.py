@@ -53,6 +53,17 @@ def targets(results: dict[str, dict]) -> list[list[str]]:
         v = step["results"]["overhead_share"]
         rows.append([f"orchestration overhead share of a step ({step['results']['median']['period_s']:.2f} s, "
                      f"{step['results']['samples_per_s']:.0f} samples/s)", f"{v:.1%}", "<= 10%", _yes(v <= 0.10)])
+        r = step["results"]
+        if "in_job_vs_raw_vllm" in r:
+            v = r["in_job_vs_raw_vllm"]
+            rows.append([f"in-job generation / raw vLLM, the same batch and cores ({r['median']['generate_compute_s']:.2f} "
+                         f"vs {r['raw_vllm_s']:.2f} s; HF generate {r['hf_generate_s']:.2f} s)", f"{v:.2f}", "<= 1.15",
+                         _yes(v <= 1.15)])
+    peer = results.get("peer")
+    if peer:
+        v = peer["results"]["speedup_vs_trl"]
+        rows.append([f"samples/s vs TRL GRPOTrainer, the same job ({peer['results']['ours_median_s']:.2f} vs "
+                     f"{peer['results']['trl_median_s']:.2f} s/step)", f"{v:.2f}", ">= 1.0", _yes(v >= 1.0)])
     pipe = results.get("pipeline")
     if pipe:
         v = pipe["results"]["speedup"]
