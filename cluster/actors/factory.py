@@ -84,11 +84,6 @@ class ActorFactory:
                                      f"cluster.start_timeout_s={self.cluster.start_timeout_s:g} s") from None
         return self._pairs
 
-    def close(self) -> None:
-        if self._pairs is not None:
-            ray.util.remove_placement_group(self._pairs)
-            self._pairs = None
-
     def cores(self) -> dict[str, list[int]]:
         return core_sets(self.cluster, self.rollout.num_generators, self.learner.num_ranks, alive_nodes())
 

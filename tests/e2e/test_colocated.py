@@ -7,6 +7,7 @@ the actors must take turns on both cores (each sleeping through the other's phas
 killed generator must be replaced with nothing lost."""
 import json
 import os
+from statistics import median
 import subprocess
 import threading
 import time
@@ -157,11 +158,12 @@ def test_colocated_phases_each_use_every_core_and_take_turns(runs):
     # ops below torch's parallel grain: its second thread finds little to do, measured 1.0-1.1)
     assert max(r["learner"] for r in rates) > 1.4, rates
     assert max(r["generator"] for r in rates) > 0.8, rates
-    # and they take turns: while one works, the other's threads sleep (no spinning)
-    training = [r for r in rates if r["learner"] > 1.0]
-    generating = [r for r in rates if r["generator"] > 0.8]
-    assert training and max(r["generator"] for r in training) < 0.35, training
-    assert generating and sorted(r["learner"] for r in generating)[len(generating) // 2] < 0.1, generating
+    # and they take turns: while one works, the other's threads sleep (no spinning). A window
+    # that straddles a change of phase holds some of both (one such measured 1.03 + 0.40).
+    training = [r["generator"] for r in rates if r["learner"] > 1.3]
+    generating = [r["learner"] for r in rates if r["generator"] > 0.8]
+    assert training and median(training) < 0.1 and sum(x > 0.35 for x in training) <= len(training) / 10, training
+    assert generating and median(generating) < 0.1 and sum(x > 0.35 for x in generating) <= len(generating) / 10
 
 
 def test_a_killed_colocated_generator_is_replaced_and_nothing_is_lost(runs):
