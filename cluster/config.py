@@ -159,8 +159,8 @@ class ClusterConfig(Section):
     at once (run.max_staleness > 0 overlaps them). colocated: generator i shares the
     devices of learner rank i (one pair per rank): the phases take turns (generate, score,
     train, push), so run.max_staleness must be 0; on CPU each pair's actors are bound to
-    all of the pair's cores, and their idle threads soon sleep (GOMP_SPINCOUNT); on GPUs the
-    engines sleep (vLLM sleep mode) while the learner trains. The default job on 2 cores:
+    all of the pair's cores, and their idle threads soon sleep (GOMP_SPINCOUNT); not yet on
+    GPUs (refused at load). The default job on 2 cores:
     1.74 s/step disaggregated at S=1, 1.96 colocated, 2.37 disaggregated at S=0."""
     address: str | None = None
     """Ray address to join; None starts Ray locally (or joins the cluster a

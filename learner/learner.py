@@ -202,11 +202,11 @@ class Learner:
             # Sizes of the whole mini-batch, over every rank: the split does not change the gradient.
             norm = algos.Normaliser(tokens=max(tokens, 1.0), sequences=max(sequences, 1.0), constant=float(self.max_tokens))
             for k, indices in enumerate(u.micro[self.rank]):
-                micro = self._micro(seqs, indices, boundary=k == len(u.micro[self.rank]) - 1)
+                boundary = k == len(u.micro[self.rank]) - 1
+                micro = self._micro(seqs, indices, boundary)
                 loss = self._loss(micro, None if proximal is None else proximal[(u.start, k)], norm, sums)
                 # DeepSpeed averages gradients over ranks: undo it (the normaliser is global).
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                boundary = k == len(u.micro[self.rank]) - 1
                 if boundary and capture_gradients and captured is None:
                     captured = self._full_gradients()
                 # Stage 0 keeps plain .grad (gone after step); ZeRO's optimizers compute the norm in step().

@@ -24,10 +24,8 @@ ENGINE_ENV = {
 }
 
 
-def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0, sleep_mode: bool = False) -> dict[str, Any]:
-    """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too).
-    sleep_mode (colocated on GPUs): the engine can free its KV cache and offload its
-    weights while the learner trains on the same device."""
+def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[str, Any]:
+    """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too)."""
     return dict(
         model=model_path,
         dtype=cfg.dtype,
@@ -37,7 +35,6 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0, sleep_mod
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
         enable_prefix_caching=True,
-        enable_sleep_mode=sleep_mode,
         # The logprob of the distribution each token was drawn from (after temperature),
         # not the raw model's: the behaviour policy of importance weights.
         logprobs_mode="processed_logprobs",
@@ -68,14 +65,14 @@ def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None
                           detokenize=False)
 
 
-def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0, sleep_mode: bool = False) -> Any:
+def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0) -> Any:
     """A vLLM engine in this process, with ENGINE_ENV applied first."""
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
     from vllm import LLM
 
-    return LLM(**engine_kwargs(model_path, cfg, index, sleep_mode))
+    return LLM(**engine_kwargs(model_path, cfg, index))
 
 
 def cpu_platform() -> bool:

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from rollout.config import RolloutConfig
-from rollout.engine import ENGINE_ENV, cpu_platform, start_engine
+from rollout.engine import ENGINE_ENV, start_engine
 from rollout.engine_loop import EngineLoop, GeneratorError
 from rollout.host import node_id, pin_from_env, redirect_output_from_env
 from rollout.receivers import receiver_for_platform
@@ -30,17 +30,13 @@ __all__ = ["ENGINE_ENV", "Generator", "GeneratorError"]  # ENGINE_ENV and the er
 
 
 class Generator:
-    def __init__(self, model_path: str, cfg: RolloutConfig, index: int = 0, version: int = 0,
-                 sleep_mode: bool = False) -> None:
-        """sleep_mode: colocated with a learner rank on a GPU (see `sleep`); ignored on CPU,
-        where vLLM has no sleep mode and memory is not what the two share."""
+    def __init__(self, model_path: str, cfg: RolloutConfig, index: int = 0, version: int = 0) -> None:
         redirect_output_from_env()
         self.cores = pin_from_env()
         self.cfg = cfg
         self.index = index
         t0 = time.perf_counter()
-        self.sleep_mode = sleep_mode and not cpu_platform()
-        self.llm = start_engine(model_path, cfg, index, self.sleep_mode)
+        self.llm = start_engine(model_path, cfg, index)
         self.llm.update_weight_version(str(version))
         self.init_seconds = time.perf_counter() - t0
         self.loop = EngineLoop(self.llm, cfg, index, version)
@@ -87,16 +83,6 @@ class Generator:
         stopped for the update), sync/wait and sync/load (inside the engine: on the wire,
         in vLLM's loader)."""
         return self.loop.take_timings()
-
-    def sleep(self) -> None:
-        """Colocated on a GPU, while the learner trains: free the KV cache and offload the
-        weights (vLLM sleep level 1); `wake_up` before the next push. No-op without sleep mode."""
-        if self.sleep_mode:
-            self.loop.run(lambda: self.llm.sleep(level=1))
-
-    def wake_up(self) -> None:
-        if self.sleep_mode:
-            self.loop.run(lambda: self.llm.wake_up())
 
     def ready(self) -> dict[str, Any]:
         return {"index": self.index, "init_seconds": self.init_seconds, "version": self.loop.version,

@@ -59,9 +59,7 @@ class ActorFactory:
         self.total_steps, self.sequences_per_step, self.step_timeout_s = total_steps, sequences_per_step, step_timeout_s
         self._tp_groups: dict[int, Any] = {}  # generator index -> its placement group (tensor parallel)
         self._pairs: Any = None  # colocated: the pairs' placement group, kept across learner restarts
-        self.colocated = cluster.placement == "colocated"
-        self.turns = self.colocated and bool(cluster.generator_gpus or cluster.learner_gpus)
-        """Colocated on GPUs: the generators sleep while the learner trains (memory is shared)."""
+        self.colocated = cluster.placement == "colocated"  # CPU only (config.py refuses it on GPUs)
 
     @classmethod
     def for_job(cls, cfg: Config, model_path: str) -> "ActorFactory":
@@ -111,10 +109,8 @@ class ActorFactory:
         elif self.colocated:
             options.update(resources=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pairs(), placement_group_bundle_index=index))
-            if self.cluster.generator_gpus or self.cluster.learner_gpus:
-                options["num_gpus"] = 0.5
         return ray.remote(Generator).options(**options).remote(model_path or self.model_path, self.rollout, index,
-                                                               version, sleep_mode=self.turns)
+                                                               version)
 
     def generators(self, version: int = 0, model_path: str | None = None) -> list[Any]:
         return [self.generator(i, version, model_path) for i in range(self.rollout.num_generators)]
@@ -143,10 +139,9 @@ class ActorFactory:
         )
         dist_backend = "nccl" if c.learner_gpus else "gloo"
         cores = self.cores()
-        gpus = (0.5 if c.generator_gpus or c.learner_gpus else 0.0) if self.colocated else c.learner_gpus
         ranks = [
             ray.remote(Learner).options(
-                num_cpus=c.learner_cpus, num_gpus=gpus,
+                num_cpus=c.learner_cpus, num_gpus=c.learner_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
                 runtime_env={"env_vars": {**thread_env(c.learner_threads, cores.get(f"learner {rank}"), self.colocated),
                                           **log_env(f"learner-{rank}")}},

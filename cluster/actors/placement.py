@@ -112,16 +112,15 @@ def whole_cores(share: float) -> int:
 
 
 def _colocated_shares(c: ClusterConfig, cfg: Config, cpus: float) -> ClusterConfig:
-    """Colocated: one pair (generator i, learner rank i) per rank. Each pair's bundle is an
-    even share of what the reward workers leave (CPU-only; 1 CPU + the GPU with GPUs), and
-    each of its two actors asks for half of it from Ray; but both run as many threads as
-    the whole bundle has cores, since they take turns on them."""
+    """Colocated (CPU only: config.py refuses it on GPUs): one pair (generator i, learner
+    rank i) per rank. Each pair's bundle is an even share of what the reward workers leave,
+    and each of its two actors asks for half of it from Ray; but both run as many threads
+    as the whole bundle has cores, since they take turns on them."""
     pairs = cfg.learner.num_ranks
-    gpu_job = bool(c.generator_gpus or c.learner_gpus)
     if c.reward_cpus is None:  # as disaggregated: only what does not cost a pair a whole core
         spare = max(cpus - pairs * int(cpus / pairs), 0.0) / cfg.rewards.num_workers
-        c.reward_cpus = REWARD_CPUS if gpu_job else int(min(REWARD_CPUS, spare) * 100) / 100
-    bundle = 2.0 if gpu_job else min(16.0, int(max(cpus - c.reward_cpus * cfg.rewards.num_workers, 0.0) / pairs * 100) / 100)
+        c.reward_cpus = int(min(REWARD_CPUS, spare) * 100) / 100
+    bundle = min(16.0, int(max(cpus - c.reward_cpus * cfg.rewards.num_workers, 0.0) / pairs * 100) / 100)
     half = int(bundle / 2 * 100) / 100
     if c.generator_cpus is None:
         c.generator_cpus = half
@@ -136,12 +135,8 @@ def _colocated_shares(c: ClusterConfig, cfg: Config, cpus: float) -> ClusterConf
 
 
 def pair_bundle(c: ClusterConfig) -> dict[str, float]:
-    """The resources of one colocated pair: what its generator and learner rank ask for
-    together (GPU: the one device they share)."""
-    bundle = {"CPU": c.generator_cpus + c.learner_cpus, **c.learner_resources}
-    if c.generator_gpus or c.learner_gpus:
-        bundle["GPU"] = 1.0
-    return bundle
+    """The resources of one colocated pair: what its generator and learner rank ask for together."""
+    return {"CPU": c.generator_cpus + c.learner_cpus, **c.learner_resources}
 
 
 def learner_only(cfg: Config) -> Config:

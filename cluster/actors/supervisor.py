@@ -165,19 +165,6 @@ class Supervisor:
                 return sent
             raise FaultLimit(f"weight push of version {version} kept failing")
 
-    def rest(self, asleep: bool) -> None:
-        """Colocated on GPUs: every live generator's engine goes to sleep while the learner
-        trains (asleep), and wakes before the push. One that fails is marked down, and is
-        replaced (awake) at the push."""
-        with self.weights:
-            refs = {(g.sleep if asleep else g.wake_up).remote(): i
-                    for i, g in enumerate(self.generators) if self.live[i]}
-            for ref, i in refs.items():
-                try:
-                    ray.get(ref, timeout=self.settings.stall_timeout_s)
-                except Exception as e:
-                    self._mark_down(i, f"{'sleep' if asleep else 'wake_up'} failed: {e!r}")
-
     def replace_learners(self, learners: LearnerGroup, version: int) -> None:
         """A new learner group (restarted from a checkpoint) takes over: the generators are
         reconnected to it and get its weights, `version`; lost generators are replaced."""

@@ -186,11 +186,7 @@ class Run:
         self.error_streak.update(batch.sampled)  # a verifier failing on every sample, step after step, stops the run
         t1 = time.perf_counter()
         with self.sup.weights:  # a generator's replacement never receives weights not yet published
-            if self.factory.turns:  # colocated on GPUs: the engines free the device for the learner
-                self.sup.rest(asleep=True)
             stats = self.actors.learners.train(batch.groups) if batch.groups else {}  # none: no group had signal
-            if self.factory.turns:
-                self.sup.rest(asleep=False)
             t2 = time.perf_counter()
             if batch.groups:
                 self.sup.push(self.version + 1)
