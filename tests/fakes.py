@@ -48,3 +48,18 @@ class FakeGenerator:
 
     def started_versions(self):
         return dict(self.started)
+
+
+class SlowStartGenerator:
+    """A generator whose start (ready) takes `start_s` seconds; it answers health probes."""
+
+    def __init__(self, start_s: float = 60.0):
+        self.start_s = start_s
+
+    def ready(self):
+        import time
+        time.sleep(self.start_s)
+        return {}
+
+    def health(self):
+        return {"load": 0, "updating": False, "seconds_since_step": 0.0}

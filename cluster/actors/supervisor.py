@@ -48,6 +48,7 @@ class Supervisor:
         self.weights = threading.RLock()  # one push or group rebuild at a time
         self._state = threading.Lock()
         self._healing: threading.Thread | None = None
+        self._starting: dict[int, Any] = {}  # replacements not yet up (killed by close)
         self.on_generator_up: Callable[[int, Any], None] = lambda i, g: None
         self.on_generator_down: Callable[[int], None] = lambda i: None
         self.heal_error: BaseException | None = None
@@ -57,9 +58,20 @@ class Supervisor:
         self._watcher.start()
 
     def close(self) -> None:
-        """Stop probing (the actors stay up)."""
+        """Stop probing and replacing (the actors that are up stay up): a replacement still
+        starting is killed and its thread joined, so no thread of ours calls Ray after the
+        command shuts it down (Ray's core worker then ends the process with status 1)."""
         self._stop.set()
+        with self._state:
+            starting = list(self._starting.values())
+        for g in starting:
+            try:
+                ray.kill(g, no_restart=True)
+            except Exception:  # already gone
+                pass
         self._watcher.join(timeout=self.settings.health_timeout_s + 5)
+        if self._healing is not None:
+            self._healing.join(timeout=self.start_timeout_s + 5)
 
     # ---------------------------------------------------------------- faults
     def record(self, kind: str, index: int, cause: str) -> Fault:
@@ -136,6 +148,8 @@ class Supervisor:
                 else:
                     self.push(self.version)  # replaces what is down, rebuilds the group, pushes to all
         except Exception as e:  # surfaced by the pipeline as its error
+            if self._stop.is_set():  # closed while a replacement started: nobody needs it
+                return
             self.heal_error = e
             self.log(f"fault: replacing generators failed: {e!r}")
 
@@ -177,7 +191,22 @@ class Supervisor:
         if not down:
             return []
         fresh = {i: self.factory.generator(i, self.version, self.model_path) for i in down}
-        wait_ready({f"generator {i} (replacement)": g for i, g in fresh.items()}, self.start_timeout_s)
+        with self._state:
+            self._starting = dict(fresh)
+        try:
+            if self._stop.is_set():
+                raise RuntimeError("supervisor closed")
+            wait_ready({f"generator {i} (replacement)": g for i, g in fresh.items()}, self.start_timeout_s)
+        except BaseException:
+            for g in fresh.values():
+                try:
+                    ray.kill(g, no_restart=True)
+                except Exception:
+                    pass
+            raise
+        finally:
+            with self._state:
+                self._starting = {}
         with self._state:
             for i, g in fresh.items():
                 self.generators[i] = g

@@ -97,3 +97,34 @@ def test_staleness_bound_holds_under_a_slow_learner(ray_session, staleness):
         assert seen == [0] * steps and all(version == key // 4 for key, version in started.items())
     else:
         assert max(seen) >= 1  # the generators did run ahead
+
+
+def test_closing_the_supervisor_stops_a_replacement_still_starting(ray_session):
+    """A command that ends while a lost generator's replacement is still starting (as
+    `grpo eval` does when the others finish its prompts first) kills the replacement and
+    joins the thread that started it: no thread of ours is left calling Ray after the
+    command shuts Ray down (Ray then ends the process with status 1)."""
+    from cluster.actors.supervisor import Supervisor
+    from cluster.config import FaultConfig
+    from tests.fakes import SlowStartGenerator
+
+    class Factory:
+        def generator(self, index, version, model_path):
+            return ray.remote(SlowStartGenerator).options(num_cpus=0, max_concurrency=2).remote(120.0)
+
+    first = Factory().generator(0, 0, None)
+    log = []
+    sup = Supervisor(FaultConfig(health_interval_s=0.5), 300.0, Factory(), [first], None, 0, log=log.append)
+    sup.generator_lost(0, "killed by the test")
+    deadline = time.monotonic() + 30
+    while not sup._starting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sup._starting, "the replacement never started"
+    replacement = next(iter(sup._starting.values()))
+    t0 = time.monotonic()
+    sup.close()
+    assert not sup._healing.is_alive() and time.monotonic() - t0 < 15
+    assert sup.heal_error is None and not any("replacing generators failed" in m for m in log), log
+    assert sup.live == [False] and sup.generators == [first]  # nothing half-started is taken in
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(replacement.health.remote(), timeout=10)
