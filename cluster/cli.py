@@ -242,11 +242,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _sft(args: argparse.Namespace) -> int:
     from cluster.artifacts.files import check_output, resolve_model
-    from cluster.data import load_pairs
+    from cluster.data import load_pairs, load_tokenizer
 
     cfg = _config(args, _flags(args, SFT_FLAGS))
     pairs = _run(load_pairs, args.data)
     model, _ = _run(resolve_model, args.model)  # before Ray starts: a bad path costs nothing
+    _run(load_tokenizer, model, cfg.data.template)  # data.template=chat needs the model's chat template
     _run(check_output, Path(args.output), model)
     from cluster.actors.placement import place
     from cluster.commands.sft import SFTSettings, run_sft
@@ -266,7 +267,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     cfg = _config(args, _flags(args, {**SFT_FLAGS, "k": "distill.k", "keep": "distill.keep"}))
     teacher, _ = _run(resolve_model, args.teacher)
-    prompts = _run(load_jsonl, args.data) if args.data else rl_rows(cfg.data)
+    prompts = _run(load_jsonl, args.data, cfg.data.format) if args.data else rl_rows(cfg.data)
     held_out = _run(eval_rows, cfg.data, args.eval_data)
     held_out = held_out[: cfg.eval.max_prompts] if cfg.eval.max_prompts else held_out
     student = None if args.student == "tiny" else _run(resolve_model, args.student)[0]  # before Ray starts
@@ -278,8 +279,9 @@ def _distill(args: argparse.Namespace) -> int:
 
     asked, cfg = cfg, _run(place, cfg)
     student = student or _run(prepare_model, asked)
-    if args.data:
-        prompts = apply_template(prompts, cfg.data.template, teacher)
+    template = cfg.data.template if args.data or cfg.data.path else "none"
+    prompts = _run(apply_template, prompts, template, teacher)
+    held_out = _run(apply_template, held_out, template, student)
     settings = SFTSettings(cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.run.seed)
     report = _run(distill, cfg, teacher, student, prompts, held_out, cfg.distill, settings, Path(args.output))
     print(f"distill: kept {report['examples_kept']} verified completions (teacher pass@1 {report['teacher_pass@1']:.3f}) | "

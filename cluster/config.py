@@ -38,8 +38,17 @@ class DataConfig(Section):
     """How JSONL prompts are shown to the model: as written, in the R1-Zero instruction
     (reason in <think>, answer in <answer>, no examples), or through the tokenizer's chat
     template. The built-in task keeps its own format."""
+    format: Literal["plain", "gsm8k", "math"] = "plain"
+    """How JSONL rows come: `plain` (`prompt`, `answer`), `gsm8k` (`question`, and `answer`
+    ending in `#### 42`) or `math` (`problem`, and `solution` whose last `\\boxed{}` is the
+    answer). Applies to data.path and eval.data alike (cluster/data.py)."""
     seed: int = 0
     """Seeds the split and the order in which prompts are drawn."""
+
+    def prompt_template(self) -> str:
+        """The template prompts are rendered with: data.template for a JSONL dataset, `none`
+        for the built-in task (which keeps its own format)."""
+        return self.template if self.path else "none"
 
     @field_validator("path")
     @classmethod

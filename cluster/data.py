@@ -73,11 +73,64 @@ def read_jsonl(path: str | Path, what: str = "data.path") -> list[tuple[int, dic
     return out
 
 
-def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a row that lacks `prompt` (a non-empty string) or `answer`
-    raises DatasetError naming its line number."""
+def gsm8k_answer(solution: str) -> str:
+    """GSM8K's final answer: what follows the last `####`, without thousands separators."""
+    at = solution.rfind("####")
+    if at < 0:
+        raise ValueError("no '#### <answer>' line in 'answer'")
+    answer = solution[at + 4:].strip().replace(",", "")
+    if not answer:
+        raise ValueError("nothing after '####' in 'answer'")
+    return answer
+
+
+def last_boxed(solution: str) -> str:
+    """The content of the last `\\boxed{...}` (braces balanced), as MATH marks its answer."""
+    at = solution.rfind("\\boxed")
+    if at < 0:
+        raise ValueError("no \\boxed{} in 'solution'")
+    i = at + len("\\boxed")
+    while i < len(solution) and solution[i] == " ":
+        i += 1
+    if i >= len(solution) or solution[i] != "{":
+        raise ValueError("\\boxed without '{' in 'solution'")
+    depth, start = 0, i + 1
+    for j in range(i, len(solution)):
+        depth += {"{": 1, "}": -1}.get(solution[j], 0)
+        if depth == 0:
+            answer = solution[start:j].strip()
+            if not answer:
+                raise ValueError("an empty \\boxed{} in 'solution'")
+            return answer
+    raise ValueError("unbalanced braces in the last \\boxed{} of 'solution'")
+
+
+# data.format -> (the field that holds the question, the field the answer is extracted from, extractor)
+FORMATS = {"gsm8k": ("question", "answer", gsm8k_answer), "math": ("problem", "solution", last_boxed)}
+
+
+def to_plain(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A row of a known data set's shape -> `prompt` and `answer` (the extracted final
+    answer; the full worked solution stays in `solution`). Raises ValueError naming the field."""
+    if fmt == "plain":
+        return row
+    question, source, extract = FORMATS[fmt]
+    for key in (question, source):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"missing or empty required field {key!r} (data.format={fmt})")
+    return {**row, "prompt": row[question], "answer": extract(row[source]), "solution": row[source]}
+
+
+def load_jsonl(path: str | Path, fmt: str = "plain") -> list[dict[str, Any]]:
+    """Rows of a JSONL file in data.format `fmt` (to_plain); a row that lacks `prompt`
+    (a non-empty string) or `answer`, or whose answer cannot be extracted, raises
+    DatasetError naming its line number."""
     rows = []
     for lineno, row in read_jsonl(path):
+        try:
+            row = to_plain(row, fmt)
+        except ValueError as e:
+            raise DatasetError(f"{path}:{lineno}: {e}") from None
         if not isinstance(row.get("prompt"), str) or not row["prompt"]:
             raise DatasetError(f"{path}:{lineno}: missing or empty required field 'prompt'")
         if row.get("answer") is None:
@@ -94,21 +147,41 @@ R1_ZERO = (
 )
 
 
-def apply_template(rows: list[dict[str, Any]], template: str, tokenizer_path: str | None = None) -> list[dict[str, Any]]:
-    """JSONL prompts -> what the model sees: as written (`none`), wrapped in the R1-Zero
-    instruction (`r1_zero`), or through the tokenizer's chat template (`chat`). The
-    original text stays in `question`."""
+def render_prompt(tok: Any, prompt: str, template: str) -> str:
+    """One prompt's text as the model sees it: as written (`none`), wrapped in the R1-Zero
+    instruction (`r1_zero`), or the chat template's user turn and generation prompt (`chat`)."""
     if template == "none":
-        return rows
+        return prompt
     if template == "r1_zero":
-        return [{**r, "question": r["prompt"], "prompt": R1_ZERO.format(prompt=r["prompt"])} for r in rows]
+        return R1_ZERO.format(prompt=prompt)
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def load_tokenizer(tokenizer_path: str, template: str = "none") -> Any:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    if not getattr(tok, "chat_template", None):
+    if template == "chat" and not getattr(tok, "chat_template", None):
         raise DatasetError(f"data.template=chat: the tokenizer of {tokenizer_path} has no chat template")
-    return [{**r, "question": r["prompt"], "prompt": tok.apply_chat_template(
-        [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)} for r in rows]
+    return tok
+
+
+def apply_template(rows: list[dict[str, Any]], template: str, tokenizer_path: str) -> list[dict[str, Any]]:
+    """Rows -> what the model sees: `prompt` rendered (render_prompt; the original text
+    stays in `question`) and `prompt_ids`, its token ids (rollout/tokens.py), which the
+    generators sample from as they are. Every command formats its prompts here."""
+    from rollout.tokens import prompt_ids
+
+    tok = load_tokenizer(tokenizer_path, template)
+    out = []
+    for i, r in enumerate(rows):
+        text = render_prompt(tok, r["prompt"], template)
+        try:
+            ids = prompt_ids(tok, text, template)
+        except ValueError as e:
+            raise DatasetError(f"row {i}: {e}") from None
+        out.append({**r, **({"question": r["prompt"]} if template != "none" else {}), "prompt": text, "prompt_ids": ids})
+    return out
 
 
 def load_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -126,13 +199,13 @@ def load_pairs(path: str | Path) -> list[tuple[str, str]]:
 def rl_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     """The RL prompts: a JSONL file (templated later, once the model is known) or the
     built-in task's RL split."""
-    return load_jsonl(cfg.path) if cfg.path else arithmetic_split(cfg)["rl"]
+    return load_jsonl(cfg.path, cfg.format) if cfg.path else arithmetic_split(cfg)["rl"]
 
 
 def eval_rows(cfg: DataConfig, path: str | None) -> list[dict[str, Any]]:
     """Held-out prompts: a JSONL file, or the built-in task's eval split (never trained on)."""
     if path:
-        return load_jsonl(path)
+        return load_jsonl(path, cfg.format)
     if cfg.path:
         raise DatasetError("eval.data: give a held-out JSONL file (the built-in split exists only for the built-in task)")
     rows = arithmetic_split(cfg)["eval"]

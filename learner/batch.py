@@ -29,13 +29,14 @@ class Micro:
     loss_mask: "torch.Tensor"  # (B, L-1): 1 where the target input_ids[:, t+1] is a completion token that counts
     advantages: "torch.Tensor"  # (B,)
     behaviour: "torch.Tensor"  # (B, L-1): the sampler's logprob of each target, 0 off-mask
+    on_policy: "torch.Tensor"  # (B,): 1 where every token was sampled by the weights the learner holds
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device) -> "Micro":
         return Micro(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask,
-                                              self.advantages, self.behaviour)))
+                                              self.advantages, self.behaviour, self.on_policy)))
 
 
 def flatten(groups: list[Group], advantages: "torch.Tensor") -> list[Sequence]:
@@ -50,9 +51,15 @@ def counts(seqs: list[Sequence], mask_truncated: bool) -> tuple[float, float]:
     return float(sum(len(s.sample.completion_ids) for s in live)), float(sum(1 for s in live if s.sample.completion_ids))
 
 
-def build_micro(seqs: list[Sequence], pad_id: int, mask_truncated: bool = False) -> Micro:
+def on_policy(sample: Sample, version: int | None) -> bool:
+    """Whether every token of the sample was produced by policy `version` (None: any)."""
+    return version is None or all(v == version for v, _ in sample.versions)
+
+
+def build_micro(seqs: list[Sequence], pad_id: int, mask_truncated: bool = False, version: int | None = None) -> Micro:
     """Padded tensors of a non-empty slice of sequences. mask_truncated: samples cut
-    at max_tokens get no loss (DAPO's overlong filtering)."""
+    at max_tokens get no loss (DAPO's overlong filtering); version: the policy the
+    learner holds (for on_policy)."""
     import torch
 
     length = max(len(s.prompt_ids) + len(s.sample.completion_ids) for s in seqs)
@@ -68,7 +75,8 @@ def build_micro(seqs: list[Sequence], pad_id: int, mask_truncated: bool = False)
         loss_mask[i, P - 1 : P + C - 1] = 0.0 if (mask_truncated and s.sample.finish_reason == "length") else 1.0
         behaviour[i, P - 1 : P + C - 1] = torch.tensor(s.sample.logprobs)
     advantages = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
-    return Micro(input_ids, attention, loss_mask, advantages, behaviour)
+    fresh = torch.tensor([float(on_policy(s.sample, version)) for s in seqs])
+    return Micro(input_ids, attention, loss_mask, advantages, behaviour, fresh)
 
 
 def dummy_micro(pad_id: int) -> Micro:
@@ -76,4 +84,4 @@ def dummy_micro(pad_id: int) -> Micro:
     import torch
 
     return Micro(torch.full((1, 2), pad_id, dtype=torch.long), torch.ones((1, 2), dtype=torch.long),
-                 torch.zeros((1, 1)), torch.zeros(1), torch.zeros((1, 1)))
+                 torch.zeros((1, 1)), torch.zeros(1), torch.zeros((1, 1)), torch.zeros(1))

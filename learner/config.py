@@ -9,7 +9,7 @@ from rollout.config import Section
 
 
 class TinyModelConfig(Section):
-    """The built-in Qwen2-architecture model with a character-level tokenizer."""
+    """The built-in Qwen2-architecture model and its tokenizer."""
 
     hidden_size: int = Field(128, ge=64)
     num_layers: int = Field(2, ge=1)
@@ -19,6 +19,10 @@ class TinyModelConfig(Section):
     intermediate_size: int = Field(512, ge=1)
     max_positions: int = Field(256, ge=16)
     seed: int = 0
+    tokenizer: Literal["char", "chat_bpe"] = "char"
+    """`char`: one token per character, no chat template (the default job). `chat_bpe`: a
+    byte-level BPE with merges, a ChatML-like chat template, and an end-of-turn token
+    (`<|im_end|>`) distinct from EOS (`<|endoftext|>`), for tests of templates and stopping."""
 
 
 class ColdStartConfig(Section):

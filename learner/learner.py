@@ -28,7 +28,37 @@ from rollout.host import node_id, pin_from_env, redirect_output_from_env
 from rollout.types import Group, Sample, check_scored
 
 _SUMS = ("loss", "kl", "clip_frac", "entropy", "sampler_logprob_diff", "mismatch_kl", "is_weight", "is_masked",
-         "tokens", "nonfinite_losses")
+         "tokens", "nonfinite_losses", "stale_logprob_diff", "tokens_on_policy", "tokens_stale")
+# over the tokens of on-policy samples / of stale ones only (absent from a step that has none)
+_ON_POLICY, _STALE = ("sampler_logprob_diff", "mismatch_kl"), ("stale_logprob_diff",)
+
+
+def export_tokenizer(source: str | Path, out: Path) -> None:
+    """The whole tokenizer of `source` into the exported model directory `out`: every
+    tokenizer and template file (chat_template.jinja included), re-saved by transformers,
+    and a generation_config.json whose EOS ids are every token that ends a completion
+    (rollout/tokens.py: EOS and the template's end-of-turn), so transformers' generate
+    stops where the generators do."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from rollout.tokens import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(str(source))
+    tok.save_pretrained(str(out))
+    for f in Path(source).iterdir():  # files a tokenizer class does not re-save (templates, sentencepiece models)
+        if f.is_file() and not (out / f.name).exists() and (
+                f.suffix == ".jinja" or f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges",
+                                                           "added_tokens", "chat_template"))):
+            shutil.copy(f, out / f.name)
+    try:
+        gen = GenerationConfig.from_pretrained(str(source))
+    except OSError:
+        gen = GenerationConfig(pad_token_id=tok.pad_token_id)
+    stops = stop_token_ids(tok, gen.eos_token_id)
+    gen.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id
+    gen.save_pretrained(str(out))
 
 
 class NonFiniteWeights(RuntimeError):
@@ -150,6 +180,7 @@ class Learner:
             self.ref = ref.to(self.engine.device)
         self.broadcaster = None
         self.steps_done = 0
+        self._version: int | None = None  # the policy version of this train step's weights
 
     # ----------------------------------------------------------------- training
     def _logprobs(self, model, micro: Micro) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +198,8 @@ class Learner:
         if boundary is not None and self.accumulation == 0:
             self.engine.set_gradient_accumulation_boundary(boundary)
         picked = [seqs[i] for i in indices]
-        micro = build_micro(picked, self.pad_id, self.cfg.mask_truncated) if picked else dummy_micro(self.pad_id)
+        micro = (build_micro(picked, self.pad_id, self.cfg.mask_truncated, self._version) if picked
+                 else dummy_micro(self.pad_id))
         return micro.to(self.engine.device)
 
     def _global_sum(self, values: list[float]) -> list[float]:
@@ -177,12 +209,18 @@ class Learner:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def train_step(self, groups: list[Group], plan: StepPlan, capture_gradients: bool = False) -> dict[str, Any]:
+    def train_step(self, groups: list[Group], plan: StepPlan, capture_gradients: bool = False,
+                   version: int | None = None) -> dict[str, Any]:
         """One rollout batch -> len(plan.updates) optimizer steps; this rank trains on
         its slices of the plan. Advantages see every group of the step (batch-level
         estimators need them). Returns metrics over every rank; capture_gradients adds
-        "gradients": the first update's final (reduced) gradient per parameter."""
+        "gradients": the first update's final (reduced) gradient per parameter.
+        version: the policy version these weights are (before the update): samples wholly
+        made by it are on-policy, and only they enter train/sampler_logprob_diff and
+        train/mismatch_kl (engine mismatch); the rest enter train/stale_logprob_diff
+        (mismatch plus the policy's drift since they were sampled). None: all on-policy."""
         t0 = time.perf_counter()
+        self._version = version
         for g in groups:
             check_scored(g, f"learner rank {self.rank}")
         if plan.world != self.world_size or plan.accumulation != self.accumulation:
@@ -218,7 +256,11 @@ class Learner:
         totals = dict(zip(_SUMS, self._global_sum([sums[k] for k in _SUMS])))
         tokens = max(totals.pop("tokens"), 1.0)
         nonfinite = totals.pop("nonfinite_losses")
-        metrics = {f"train/{k}": v / tokens for k, v in totals.items()}
+        on, stale = totals.pop("tokens_on_policy"), totals.pop("tokens_stale")
+        metrics = {f"train/{k}": v / tokens for k, v in totals.items() if k not in _ON_POLICY + _STALE}
+        metrics.update({f"train/{k}": totals[k] / on for k in _ON_POLICY if on > 0})
+        metrics.update({f"train/{k}": totals[k] / stale for k in _STALE if stale > 0})
+        metrics["train/on_policy_frac"] = on / max(on + stale, 1.0)
         metrics["train/is_weight_mean"] = metrics.pop("train/is_weight")
         metrics["train/is_masked_frac"] = metrics.pop("train/is_masked")
         metrics.update({"train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": float(self.engine.get_lr()[0]),
@@ -292,8 +334,13 @@ class Learner:
         sums["loss"] += float((per_token.detach() * mask).sum())
         sums["clip_frac"] += float((clipped * mask).sum())
         sums["entropy"] += float((ent * mask).sum())
-        sums["sampler_logprob_diff"] += float(((prox - micro.behaviour).abs() * mask).sum())
-        sums["mismatch_kl"] += float((algos.mismatch_kl(prox, micro.behaviour) * mask).sum())
+        fresh = mask * micro.on_policy[:, None]
+        diff = (prox - micro.behaviour).abs()
+        sums["sampler_logprob_diff"] += float((diff * fresh).sum())
+        sums["mismatch_kl"] += float((algos.mismatch_kl(prox, micro.behaviour) * fresh).sum())
+        sums["stale_logprob_diff"] += float((diff * (mask - fresh)).sum())
+        sums["tokens_on_policy"] += float(fresh.sum())
+        sums["tokens_stale"] += float((mask - fresh).sum())
         sums["is_weight"] += float(weight.sum())
         sums["is_masked"] += float(((weight == 0) * mask).sum())
         sums["tokens"] += float(mask.sum())
@@ -359,9 +406,7 @@ class Learner:
         if self.rank != 0:
             return str(out)
         self.engine.module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
-        for f in Path(self.model_path).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-                shutil.copy(f, out / f.name)
+        export_tokenizer(self.model_path, out)
         return str(out)
 
     def save_checkpoint(self, path: str) -> None:

@@ -42,6 +42,9 @@ class RolloutConfig(Section):
     """Longest completion; leave room for the closing tags and EOS."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the engine's weights (must match what the learner sends)."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Longest prompt + completion the engine serves; None: the model's own limit (a real
+    model's 8k positions need more KV cache than kv_cache_gib's default)."""
     kv_cache_gib: float = Field(0.25, gt=0.0)
     """KV cache size per engine. vLLM's start-up memory check fails inside Ray without it."""
     gpu_memory_utilization: float = Field(0.4, gt=0.0, le=1.0)

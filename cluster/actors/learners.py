@@ -37,13 +37,15 @@ class LearnerGroup:
                 raise LearnerFault(f"learner: a rank died during {what} ({type(e).__name__})") from e
             raise
 
-    def train(self, groups: list[Group], capture_gradients: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
+    def train(self, groups: list[Group], capture_gradients: bool = False, timeout_s: float | None = None,
+              version: int | None = None) -> dict[str, Any]:
         """One update on every rank (each reads its slices of one shared copy); the
-        metrics are already reduced over all ranks."""
+        metrics are already reduced over all ranks. version: the policy version the
+        ranks hold (Learner.train_step)."""
         plan = self.plan(groups)
         ref = ray.put(groups)
-        return self._get([r.train_step.remote(ref, plan, capture_gradients) for r in self.ranks], "a train step",
-                         timeout_s)[0]
+        return self._get([r.train_step.remote(ref, plan, capture_gradients, version) for r in self.ranks],
+                         "a train step", timeout_s)[0]
 
     def sft(self, examples: list[tuple[list[int], list[int]]], timeout_s: float | None = None) -> dict[str, float]:
         """One supervised step on every rank: (prompt ids, completion ids) pairs."""

@@ -46,7 +46,8 @@ def prepare_model(cfg: Config, log=print) -> str:
     start_ray(cfg.cluster)
     resolved = resolve_resources(learner_only(cfg), alive_nodes())
     log(f"cold start: {c.steps} SFT steps of {c.batch_size} on the built-in task ({len(pairs)} examples)")
-    run_sft(resolved, str(tmp), pairs, SFTSettings(c.steps, c.batch_size, c.lr, c.seed), trained, log)
+    run_sft(resolved, str(tmp), pairs, SFTSettings(c.steps, c.batch_size, c.lr, c.seed), trained, log,
+            template="none")  # the built-in task keeps its own format
     shutil.rmtree(tmp)
     trained.rename(cached)  # atomic: a half-built model is never picked up as cached
     return str(cached.resolve())

@@ -27,7 +27,9 @@ def rejection_sample(groups: list, verifier: str, keep: int) -> list[dict[str, s
         for s, score in zip(g.samples, g.reward_parts[verifier]):
             if score == 1.0 and s.text not in kept and len(kept) < keep:
                 kept.append(s.text)
-        out += [{"prompt": g.prompt, "completion": text, "answer": g.row.get("answer")} for text in kept]
+        # the prompt as written (the student's own template formats it, as RL would)
+        out += [{"prompt": g.row.get("question", g.prompt), "completion": text, "answer": g.row.get("answer")}
+                for text in kept]
     return out
 
 
@@ -73,7 +75,7 @@ def distill(cfg: Config, teacher: str, student: str, prompts: list[dict], held_o
         before, _ = evaluate(pipeline, held_out, k_eval, sampling, cfg.rewards.verifiers, cfg.run.seed,
                              cfg.eval.timeout_s)
         log(f"distill: student pass@1 before {before['pass@1']:.3f} on {len(held_out)} held-out prompts")
-        examples = tokenize(student, [(row["prompt"], row["completion"]) for row in data])
+        examples = tokenize(student, [(row["prompt"], row["completion"]) for row in data], cfg.data.template)
         losses = train_steps(learners, examples, s)
         learners.save_hf(str((out_dir / "student").resolve()))
         sup.push(1, reconnect=True)  # the fine-tuned student, on the same generators

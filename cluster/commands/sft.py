@@ -26,20 +26,23 @@ class SFTSettings:
     seed: int = 0
 
 
-def tokenize(model_path: str, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt, completion) texts -> (prompt ids, completion ids + EOS), as generation sees them."""
-    from transformers import AutoTokenizer
+def tokenize(model_path: str, pairs: list[tuple[str, str]], template: str = "none") -> list[tuple[list[int], list[int]]]:
+    """(prompt, completion) texts -> (prompt ids, completion ids + the end token), as
+    generation sees them: the prompt rendered and tokenised exactly as RL's and eval's
+    prompts are (cluster/data.py apply_template, rollout/tokens.py), the completion ended
+    with the template's end-of-turn under `chat`, EOS otherwise."""
+    from cluster.data import apply_template, load_tokenizer
+    from rollout.tokens import completion_end_id
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.eos_token_id is None:
-        raise ValueError(f"{model_path}: the tokenizer has no EOS token to end completions with")
+    tok = load_tokenizer(model_path, template)
+    end = completion_end_id(tok, template)
+    rows = apply_template([{"prompt": p} for p, _ in pairs], template, model_path)
     out = []
-    for i, (prompt, completion) in enumerate(pairs):
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        if not p or len(c) < 2:
-            raise ValueError(f"SFT example {i}: empty prompt or completion")
-        out.append((p, c))
+    for i, (row, (_, completion)) in enumerate(zip(rows, pairs)):
+        c = tok(completion, add_special_tokens=False)["input_ids"] + [end]
+        if len(c) < 2:
+            raise ValueError(f"SFT example {i}: empty completion")
+        out.append((row["prompt_ids"], c))
     return out
 
 
@@ -68,10 +71,11 @@ def train_steps(group, examples: list[tuple[list[int], list[int]]], settings: SF
 
 
 def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, str]], settings: SFTSettings, out_dir: Path,
-            log: Callable[[str], None] = print) -> dict[str, float]:
+            log: Callable[[str], None] = print, template: str | None = None) -> dict[str, float]:
     """Train model_path on (prompt, completion) pairs, batches drawn with the seed; save
-    the result as an HF model directory at out_dir. -> first and last losses, seconds."""
-    examples = tokenize(model_path, pairs)
+    the result as an HF model directory at out_dir. Prompts are formatted by `template`
+    (default: data.template, as RL and eval format theirs). -> first and last losses, seconds."""
+    examples = tokenize(model_path, pairs, cfg.data.template if template is None else template)
     sft_cfg = sft_config(cfg, settings)
     group = ActorFactory.for_job(sft_cfg, model_path).learner_group()
     try:

@@ -144,9 +144,8 @@ class Run:
         set_log_dir(None if verbose else self.run_dir / "logs", cfg.run.log_max_mb)
         log(f"run directory: {self.run_dir}" + ("" if verbose else "  (actor output: logs/)"))
         self.model_path = prepare_model(asked, log)  # a cold start's ranks take the generators' cores too
-        if cfg.data.path:
-            self.rows = apply_template(self.rows, cfg.data.template, self.model_path)
-            self.eval_rows = apply_template(self.eval_rows, cfg.data.template, self.model_path)
+        self.rows = apply_template(self.rows, cfg.data.prompt_template(), self.model_path)
+        self.eval_rows = apply_template(self.eval_rows, cfg.data.prompt_template(), self.model_path)
         self.evals: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         self.factory = ActorFactory.for_job(cfg, self.model_path)
@@ -186,7 +185,7 @@ class Run:
         self.error_streak.update(batch.sampled)  # a verifier failing on every sample, step after step, stops the run
         t1 = time.perf_counter()
         with self.sup.weights:  # a generator's replacement never receives weights not yet published
-            stats = self.actors.learners.train(batch.groups) if batch.groups else {}  # none: no group had signal
+            stats = self.actors.learners.train(batch.groups, version=self.version) if batch.groups else {}  # none: no group had signal
             t2 = time.perf_counter()
             if batch.groups:
                 self.sup.push(self.version + 1)
