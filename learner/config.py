@@ -68,6 +68,10 @@ class LearnerConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     micro_batch_size: int = Field(64, ge=1)
     """Sequences per forward/backward; gradients accumulate over a rank's batch."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward instead of keeping them (HF's
+    gradient checkpointing, non-reentrant): far less memory on long sequences, ~30% more
+    compute; the gradient is the same."""
     max_tokens_per_micro: int = Field(0, ge=0)
     """Token budget of one forward/backward, counted padded (longest sequence x count); 0:
     off, micro_batch_size counts sequences. On: sequences are dealt to the ranks by tokens

@@ -158,6 +158,9 @@ class Learner:
         # Every collective of the group has a deadline: a rank that died does not hang the others forever.
         deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=collective_timeout_s))
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if cfg.gradient_checkpointing:  # activations recomputed in the backward: memory for compute
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.micro, self.accumulation = step_shape(cfg, sequences_per_step, world_size)
         schedule = functools.partial(lr_factor, cfg=cfg, total=total_steps * cfg.updates_per_step)
         self.optimizer = GuardedAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,

@@ -69,8 +69,8 @@ def write(out_dir: Path, report: dict[str, Any], per_prompt: list[dict]) -> None
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     with (out_dir / "samples.jsonl").open("w") as f:
         for r in per_prompt:
-            f.write(json.dumps({key: r[key] for key in ("prompt", "answer", "completions", "scores", "extracted",
-                                                         "rewards", "lengths")}) + "\n")
+            f.write(json.dumps({key: r[key] for key in ("prompt", "prompt_ids", "answer", "completions", "scores",
+                                                         "extracted", "rewards", "lengths") if key in r}) + "\n")
     plot_eval(report, per_prompt, out_dir / "eval.png")
 
 

@@ -49,7 +49,8 @@ def evaluate(pipeline: RolloutPipeline, rows: list[dict], k: int, sampling: dict
     per_prompt = []
     for g, extracted, classes in zip(groups, extracted_all, classes_all):
         per_prompt.append({
-            "prompt": g.prompt, "answer": g.row.get("answer"), "completions": [s.text for s in g.samples],
+            "prompt": g.prompt, "prompt_ids": list(g.prompt_ids), "answer": g.row.get("answer"),
+            "completions": [s.text for s in g.samples],
             "scores": list(g.reward_parts[verifier]), "rewards": list(g.rewards), "extracted": extracted,
             "classes": classes, "lengths": [len(s.completion_ids) for s in g.samples],
         })
