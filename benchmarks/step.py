@@ -65,6 +65,67 @@ class HFEngine:
         return True
 
 
+class RawTorchStep:
+    """The learner's limit: a bare torch forward + backward + AdamW step of a recorded
+    batch (prompt + completion ids), micro-batches of learner.micro_batch_size sequences
+    padded to their longest, on the learner rank's cores and threads; no DeepSpeed, no
+    advantages, no proximal pass, no metrics."""
+
+    def __init__(self, model_path: str, micro: int, lr: float, weight_decay: float = 0.0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from rollout.host import pin_from_env
+
+        pin_from_env()
+        self.torch, self.micro = torch, micro
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def step(self, seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, float]:
+        torch = self.torch
+        t0 = time.perf_counter()
+        tokens = sum(len(s) for s in seqs)
+        for i in range(0, len(seqs), self.micro):
+            part, plen = seqs[i : i + self.micro], prompt_lens[i : i + self.micro]
+            width = max(map(len, part))
+            x = torch.tensor([s + [0] * (width - len(s)) for s in part])
+            attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in part])
+            mask = torch.tensor([[float(p - 1 <= t < len(s) - 1) for t in range(width - 1)] for s, p in zip(part, plen)])
+            logp = torch.log_softmax(self.model(input_ids=x, attention_mask=attn).logits[:, :-1].float(), -1)
+            logp = logp.gather(-1, x[:, 1:, None])[..., 0]
+            (-(logp * mask).sum() / tokens).backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        return {"seconds": time.perf_counter() - t0, "tokens": tokens}
+
+    def ready(self) -> bool:
+        return True
+
+
+def raw_learner_step(cfg, groups: list[dict], reps: int) -> dict[str, float]:
+    """RawTorchStep on the recorded batch, in an actor on learner rank 0's cores and
+    threads (one rank: compare with a one-rank learner) -> median seconds, tokens."""
+    import ray
+
+    from benchmarks.common import CALL_TIMEOUT_S, resolved
+    from cluster.actors.placement import alive_nodes, core_sets, thread_env
+
+    c = resolved(cfg).cluster
+    cores = core_sets(c, cfg.rollout.num_generators, cfg.learner.num_ranks, alive_nodes()).get("learner 0")
+    seqs = [g["prompt_ids"] + s["token_ids"] for g in groups for s in g["samples"]]
+    plens = [len(g["prompt_ids"]) for g in groups for _ in g["samples"]]
+    actor = ray.remote(RawTorchStep).options(
+        num_cpus=c.learner_cpus, runtime_env={"env_vars": thread_env(c.learner_threads, cores)}
+    ).remote(cfg.model.path, cfg.learner.micro_batch_size, cfg.learner.lr, cfg.learner.weight_decay)
+    ray.get(actor.ready.remote(), timeout=CALL_TIMEOUT_S)
+    runs = [ray.get(actor.step.remote(seqs, plens), timeout=CALL_TIMEOUT_S) for _ in range(reps + 1)]
+    ray.kill(actor)
+    out = {"raw_torch_step_s": median([r["seconds"] for r in runs[1:]]), "batch_tokens": float(runs[0]["tokens"])}
+    log(f"raw torch forward+backward: {out['raw_torch_step_s']:.2f} s for the batch's {out['batch_tokens']:.0f} tokens")
+    return out
+
+
 def same_batch(cfg, run_dir: Path, step: int, reps: int) -> dict[str, float]:
     """Step `step`'s recorded prompts and seeds, generated outside the job by raw vLLM and
     by HF generate, each in an actor with the job's generator options (cores, threads):
@@ -90,6 +151,7 @@ def same_batch(cfg, run_dir: Path, step: int, reps: int) -> dict[str, float]:
         out[f"{name}_s"] = median(times[1:])  # the first call warms the engine up
         ray.kill(actor)
         log(f"{name}: {out[f'{name}_s']:.2f} s for step {step}'s batch ({reps} reps)")
+    out.update(raw_learner_step(cfg, groups, reps))
     return out
 
 
@@ -187,6 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
         "run_dir": summary["run_dir"], **outside,
         "in_job_vs_raw_vllm": med["generate_compute_s"] / outside["raw_vllm_s"],
         "in_job_vs_hf_generate": med["generate_compute_s"] / outside["hf_generate_s"],
+        # the learner's train step of the same (last) batch against a bare torch step of it
+        "learner_step_s": rows[-1]["train/seconds"],
+        "learner_tokens_per_s": outside["batch_tokens"] / rows[-1]["train/seconds"],
+        "raw_torch_tokens_per_s": outside["batch_tokens"] / outside["raw_torch_step_s"],
+        "learner_vs_raw_torch": rows[-1]["train/seconds"] / outside["raw_torch_step_s"],
     }
     headers = ["", "step", *PHASES, "vLLM", "learner", "overhead", "raw vLLM", "HF generate"]
     row = [period, *[med[f"{p}_s"] for p in PHASES], med["generate_compute_s"], med["train_compute_s"], med["overhead_s"],
@@ -194,12 +261,16 @@ def main(argv: list[str] | None = None) -> dict:
     table = [["seconds", *row], ["share of step", *[v / period for v in row]]]
     log(f"the batch's generation: in the job {med['generate_compute_s']:.2f} s (engine steps), raw vLLM "
         f"{outside['raw_vllm_s']:.2f} s, HF generate {outside['hf_generate_s']:.2f} s, same cores")
+    log(f"the learner on that batch: {result['learner_step_s']:.2f} s ({result['learner_tokens_per_s']:.0f} tokens/s) "
+        f"vs raw torch {outside['raw_torch_step_s']:.2f} s ({result['raw_torch_tokens_per_s']:.0f} tokens/s): "
+        f"{result['learner_vs_raw_torch']:.2f}x")
     log(f"{len(steps)} steps measured: {period:.2f} s per step, {result['samples_per_s']:.0f} samples/s, "
         f"overhead {result['overhead_share']:.1%}")
     summary_out = {"step/seconds": period, "step/samples_per_s": result["samples_per_s"],
                    "step/overhead_share": result["overhead_share"],
                    "step/in_job_vs_raw_vllm": result["in_job_vs_raw_vllm"],
-                   "step/in_job_vs_hf_generate": result["in_job_vs_hf_generate"]}
+                   "step/in_job_vs_hf_generate": result["in_job_vs_hf_generate"],
+                   "step/learner_vs_raw_torch": result["learner_vs_raw_torch"]}
     config = {"args": vars(args), "config": cfg.model_dump(mode="json")}
     return report("step", args.out, config, result, summary_out, headers, table, lambda p: plot(steps, p), started)
 

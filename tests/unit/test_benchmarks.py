@@ -80,3 +80,22 @@ def test_pipeline_bench_figures_come_from_the_steps_after_warmup():
     assert m["period_s"] == pytest.approx(1.8) and m["samples_per_s"] == pytest.approx(256 / 1.8)
     assert m["steps_measured"] == 2 and m["staleness_max"] == 1 and m["wait_batch_s"] == 0.5
     assert m["generator_busy_share"] == pytest.approx(1.5 / 1.8)
+
+
+def test_the_raw_torch_step_trains_on_completion_tokens_only(tiny_model):
+    """The learner's limit in `grpo bench step`: a bare forward/backward/AdamW step. Its loss
+    reaches only completion tokens: a step on a batch whose completions are one token each
+    changes the weights, and one with prompts only (no completion token) does not."""
+    import torch
+
+    from benchmarks.step import RawTorchStep
+
+    raw = RawTorchStep(str(tiny_model), micro=2, lr=1e-2)
+    before = {k: v.clone() for k, v in raw.model.state_dict().items()}
+    out = raw.step([[5, 6, 7], [5, 6, 7, 8], [9, 10]], [3, 3, 1])  # completions: none, one token, one token
+    assert out["tokens"] == 9 and out["seconds"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in raw.model.state_dict().items())
+    raw = RawTorchStep(str(tiny_model), micro=2, lr=1e-2)
+    before = {k: v.clone() for k, v in raw.model.state_dict().items()}
+    raw.step([[5, 6, 7], [9, 10]], [3, 2])
+    assert all(torch.equal(before[k], v) for k, v in raw.model.state_dict().items())
