@@ -279,11 +279,12 @@ def _distill(args: argparse.Namespace) -> int:
 
     asked, cfg = cfg, _run(place, cfg)
     student = student or _run(prepare_model, asked)
-    template = cfg.data.template if args.data or cfg.data.path else "none"
+    template = cfg.data.prompt_template(args.data)
     prompts = _run(apply_template, prompts, template, teacher)
     held_out = _run(apply_template, held_out, template, student)
     settings = SFTSettings(cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.run.seed)
-    report = _run(distill, cfg, teacher, student, prompts, held_out, cfg.distill, settings, Path(args.output))
+    report = _run(distill, cfg, teacher, student, prompts, held_out, cfg.distill, settings, Path(args.output),
+                  template=template)
     print(f"distill: kept {report['examples_kept']} verified completions (teacher pass@1 {report['teacher_pass@1']:.3f}) | "
           f"student pass@1 on {report['held_out_prompts']} held-out prompts: {report['student_pass@1_before']:.3f} -> "
           f"{report['student_pass@1_after']:.3f} | {args.output}/distill.json")

@@ -45,10 +45,11 @@ class DataConfig(Section):
     seed: int = 0
     """Seeds the split and the order in which prompts are drawn."""
 
-    def prompt_template(self) -> str:
-        """The template prompts are rendered with: data.template for a JSONL dataset, `none`
-        for the built-in task (which keeps its own format)."""
-        return self.template if self.path else "none"
+    def prompt_template(self, file: str | None = None) -> str:
+        """The template prompts are rendered with: data.template for a JSONL dataset
+        (data.path, or `file`: a command's own --data), `none` for the built-in task
+        (which keeps its own format)."""
+        return self.template if (file or self.path) else "none"
 
     @field_validator("path")
     @classmethod

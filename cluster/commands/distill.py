@@ -48,8 +48,10 @@ def sample_teacher(cfg: Config, teacher: str, prompts: list[dict], d: DistillCon
 
 
 def distill(cfg: Config, teacher: str, student: str, prompts: list[dict], held_out: list[dict],
-            d: DistillConfig, s: SFTSettings, out_dir: Path, log=print) -> dict[str, Any]:
-    """teacher, student: HF model directories. -> the report (also out_dir/distill.json)."""
+            d: DistillConfig, s: SFTSettings, out_dir: Path, log=print, template: str = "none") -> dict[str, Any]:
+    """teacher, student: HF model directories; template: what the prompts and held-out rows
+    were formatted with (cluster/data.py), and so what the student's SFT formats its prompts
+    with. -> the report (also out_dir/distill.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     verifier = accuracy_verifier(cfg.rewards.verifiers)
@@ -75,7 +77,7 @@ def distill(cfg: Config, teacher: str, student: str, prompts: list[dict], held_o
         before, _ = evaluate(pipeline, held_out, k_eval, sampling, cfg.rewards.verifiers, cfg.run.seed,
                              cfg.eval.timeout_s)
         log(f"distill: student pass@1 before {before['pass@1']:.3f} on {len(held_out)} held-out prompts")
-        examples = tokenize(student, [(row["prompt"], row["completion"]) for row in data], cfg.data.template)
+        examples = tokenize(student, [(row["prompt"], row["completion"]) for row in data], template)
         losses = train_steps(learners, examples, s)
         learners.save_hf(str((out_dir / "student").resolve()))
         sup.push(1, reconnect=True)  # the fine-tuned student, on the same generators

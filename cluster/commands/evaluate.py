@@ -104,7 +104,7 @@ def eval_command(cfg: Config, model: str, data: str | None, out_dir: Path, log=p
     workers; eval.json, samples.jsonl and eval.png in out_dir."""
     model_path, _ = resolve_model(model)
     rows = eval_rows(cfg.data, data)
-    rows = apply_template(rows, cfg.data.template if data or cfg.data.path else "none", model_path)
+    rows = apply_template(rows, cfg.data.prompt_template(data), model_path)
     rows = rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
     t0 = time.perf_counter()
     cfg = place(cfg, log, learners=False)

@@ -29,14 +29,14 @@ class SFTSettings:
 def tokenize(model_path: str, pairs: list[tuple[str, str]], template: str = "none") -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) texts -> (prompt ids, completion ids + the end token), as
     generation sees them: the prompt rendered and tokenised exactly as RL's and eval's
-    prompts are (cluster/data.py apply_template, rollout/tokens.py), the completion ended
+    prompts are (cluster/data.py format_rows, rollout/tokens.py), the completion ended
     with the template's end-of-turn under `chat`, EOS otherwise."""
-    from cluster.data import apply_template, load_tokenizer
+    from cluster.data import format_rows, load_tokenizer
     from rollout.tokens import completion_end_id
 
     tok = load_tokenizer(model_path, template)
     end = completion_end_id(tok, template)
-    rows = apply_template([{"prompt": p} for p, _ in pairs], template, model_path)
+    rows = format_rows([{"prompt": p} for p, _ in pairs], template, tok)
     out = []
     for i, (row, (_, completion)) in enumerate(zip(rows, pairs)):
         c = tok(completion, add_special_tokens=False)["input_ids"] + [end]

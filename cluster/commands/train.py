@@ -31,7 +31,7 @@ from cluster.artifacts.record import Recorder, batch_records
 from cluster.commands.cold_start import prepare_model
 from cluster.commands.evaluate import evaluate
 from cluster.config import Config, ConfigError
-from cluster.data import PromptStream, apply_template, eval_rows, rl_rows
+from cluster.data import PromptStream, eval_rows, format_rows, load_tokenizer, rl_rows
 from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
 from cluster.flow.reward_pool import reward_deadline_s
 from rewards.api import ErrorStreak, is_import_path, resolve
@@ -144,8 +144,9 @@ class Run:
         set_log_dir(None if verbose else self.run_dir / "logs", cfg.run.log_max_mb)
         log(f"run directory: {self.run_dir}" + ("" if verbose else "  (actor output: logs/)"))
         self.model_path = prepare_model(asked, log)  # a cold start's ranks take the generators' cores too
-        self.rows = apply_template(self.rows, cfg.data.prompt_template(), self.model_path)
-        self.eval_rows = apply_template(self.eval_rows, cfg.data.prompt_template(), self.model_path)
+        template = cfg.data.prompt_template()
+        tok = load_tokenizer(self.model_path, template)
+        self.rows, self.eval_rows = format_rows(self.rows, template, tok), format_rows(self.eval_rows, template, tok)
         self.evals: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         self.factory = ActorFactory.for_job(cfg, self.model_path)
