@@ -14,19 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from learner.lora import is_peft, push_entries
 from rollout.config import WeightSyncConfig
 from rollout.buckets import TensorMeta, pack, plan_buckets
 from rollout.weight_sync import WeightSyncClient, broadcast_async, close_group, open_group, update_info
 
 
 def parameter_metas(module: torch.nn.Module) -> list[TensorMeta]:
-    """Name, dtype and full shape of every parameter, in `named_parameters()` order
-    (layer order, a tied output layer listed once, as vLLM's loader expects).
-    Reads ZeRO-3's `ds_shape` so no gather is needed."""
-    return [
-        TensorMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
-        for name, p in module.named_parameters()
-    ]
+    """Name, dtype and full shape of every tensor a push carries, in `named_parameters()`
+    order (layer order, a tied output layer listed once, as vLLM's loader expects; a LoRA
+    policy: learner/lora.py). Reads ZeRO-3's `ds_shape` so no gather is needed."""
+    return [e.meta for e in push_entries(module)]
 
 
 def gathered(params: list[torch.nn.Parameter]):
@@ -73,20 +71,20 @@ class WeightBroadcaster:
         if sender and self.group is None:
             raise RuntimeError("WeightBroadcaster.connect() must run before send()")
         t0 = time.perf_counter()
-        params = [p for _, p in self.module.named_parameters()]
-        metas = parameter_metas(self.module)
+        entries = push_entries(self.module)
+        metas = [e.meta for e in entries]
         if sender:
             self.client.start_weight_update()
             # The generators' receive blocks inside the broadcasts: run it alongside.
-            receiving = self._pool.submit(self.client.update_weights, update_info(metas, self.bucket_bytes))
+            receiving = self._pool.submit(self.client.update_weights, update_info(metas, self.bucket_bytes, partial=is_peft(self.module)))
         nbytes = 0
-        zero3 = any(hasattr(p, "ds_id") for p in params)
+        zero3 = any(hasattr(p, "ds_id") for e in entries for p in e.sources)
         in_flight = None  # the previous bucket's broadcast: it travels while this one is packed
         for k, bucket in enumerate(plan_buckets(metas, self.bucket_bytes)):
-            with gathered([params[i] for i in bucket]):
+            with gathered([p for i in bucket for p in entries[i].sources]):
                 if not sender:
                     continue
-                tensors = [params[i].detach() for i in bucket]
+                tensors = [entries[i].value() for i in bucket]
                 flat = pack(tensors, self._pack_buffer(k % 2, sum(metas[i].nbytes for i in bucket), tensors[0].device)
                             if len(tensors) > 1 else None)
                 if receiving.done():  # a generator failed before joining: surface it, don't hang

@@ -42,6 +42,32 @@ class ModelConfig(Section):
     cold_start: ColdStartConfig = ColdStartConfig()
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear layers LoRA may target (decoder layers of the Llama/Qwen2/Mistral family)."""
+
+
+class LoRAConfig(Section):
+    """LoRA adapters through peft (learner/lora.py): the base weights stay frozen, the
+    optimizer holds only the adapters, the KL reference is the base (adapters off), and
+    a push carries the merged weights of the adapted layers only."""
+
+    rank: int = Field(0, ge=0)
+    """Adapter rank r; 0: off (full fine-tuning)."""
+    alpha: float = Field(32.0, gt=0)
+    """peft's lora_alpha: the update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Linear layers that get adapters (PROJECTIONS)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in PROJECTIONS]
+        if unknown or not value:
+            raise ValueError(f"unknown or no target modules {unknown or value}; choices: {list(PROJECTIONS)}")
+        return value
+
+
 class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     """Learner ranks (Ray actors in one placement group); the batch is split across them."""
@@ -107,6 +133,7 @@ class LearnerConfig(Section):
     (IcePop: tokens with a ratio outside [is_threshold_low, is_threshold_high] get no loss)."""
     is_threshold_low: float = Field(0.5, ge=0)
     is_threshold_high: float = Field(2.0, gt=0)
+    lora: LoRAConfig = LoRAConfig()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -123,6 +150,9 @@ class LearnerConfig(Section):
                 f"learner.policy_loss=gspo needs learner.reduction=seq_mean_token_mean (got {self.reduction!r}): "
                 "GSPO's sequence-level ratio is defined with a per-sequence token mean"
             )
+        if self.lora.rank and self.reference_path:
+            raise ValueError("learner.reference_path is set with learner.lora.rank > 0: a LoRA run's KL reference "
+                             "is its base model with the adapters off, never another model")
         if self.is_threshold_low >= self.is_threshold_high:
             raise ValueError(f"learner.is_threshold_low={self.is_threshold_low} must be below "
                              f"learner.is_threshold_high={self.is_threshold_high}")

@@ -161,8 +161,13 @@ class Learner:
         if cfg.gradient_checkpointing:  # activations recomputed in the backward: memory for compute
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.rank:  # frozen base + adapters: only the adapters require grad (the optimizer's)
+            from learner.lora import wrap
+
+            model = wrap(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
         self.micro, self.accumulation = step_shape(cfg, sequences_per_step, world_size)
         schedule = functools.partial(lr_factor, cfg=cfg, total=total_steps * cfg.updates_per_step)
+        self._optimized = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         self.optimizer = GuardedAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                       betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         # token budgets: DeepSpeed is told it accumulates (2: its accumulating code paths); the
@@ -174,7 +179,7 @@ class Learner:
         )
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)  # nothing unpickled on load
         self.ref = None
-        if cfg.kl_coef > 0:  # the frozen reference: sharded like the policy under ZeRO-3
+        if cfg.kl_coef > 0 and not cfg.lora.rank:  # the frozen reference: sharded like the policy under ZeRO-3
             ref = AutoModelForCausalLM.from_pretrained(cfg.reference_path or model_path, dtype=torch.float32).eval()
             ref.requires_grad_(False)
             if cfg.zero_stage == 3:
@@ -323,10 +328,8 @@ class Learner:
             algos.LossInputs(logp, prox, micro.advantages, mask, self.cfg.clip_low, self.cfg.clip_high)
         )
         per_token = per_token * weight.detach()
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp = algos.token_logprobs(self.ref(input_ids=micro.input_ids, attention_mask=micro.attention_mask)
-                                                .logits[:, :-1], micro.input_ids[:, 1:], self.temperature)
+        if self.cfg.kl_coef > 0:
+            ref_logp = self.reference_logprobs(micro)
             kl = self.kl(logp, ref_logp)
             per_token = per_token + self.cfg.kl_coef * kl
             sums["kl"] += float((kl.detach() * mask).sum())
@@ -348,6 +351,48 @@ class Learner:
         sums["is_masked"] += float(((weight == 0) * mask).sum())
         sums["tokens"] += float(mask.sum())
         return loss
+
+    @torch.no_grad()
+    def reference_logprobs(self, micro: Micro) -> torch.Tensor:
+        """The KL reference's logprob of each next token: the frozen reference model, or
+        under LoRA the policy itself with its adapters switched off (the base model)."""
+        if self.cfg.lora.rank:
+            with self.engine.module.disable_adapter():
+                logits = self.engine.module(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
+        else:
+            logits = self.ref(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
+        return algos.token_logprobs(logits[:, :-1], micro.input_ids[:, 1:], self.temperature)
+
+    def sequence_logprobs(self, ids: list[int], reference: bool = False) -> list[float]:
+        """The policy's (or the KL reference's) logprob of each token of `ids` given the
+        ones before, at the sampling temperature (every rank calls it under ZeRO-3)."""
+        micro = build_micro([Sequence(ids[:1], Sample(ids[1:], [0.0] * (len(ids) - 1), "", "stop", [(0, 0)]), 0.0)],
+                            self.pad_id, False, None).to(self.engine.device)
+        self.engine.eval()
+        try:
+            if reference:
+                return self.reference_logprobs(micro)[0].tolist()
+            with torch.no_grad():
+                return self._logprobs(self.engine, micro)[0][0].tolist()
+        finally:
+            self.engine.train()
+
+    def trainable(self) -> dict[str, Any]:
+        """What the optimizer holds (the parameters it was given, the bytes of its state:
+        this rank's partition under ZeRO) and what stays frozen, counted from the tensors."""
+        params = list(self.engine.module.named_parameters())
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+
+        def size(t):
+            t = getattr(t, "ds_tensor", t)
+            return t.numel() * t.element_size()
+        grads = [p for _, p in params if p.requires_grad]
+        return {"optimizer_params": self._optimized,  # the parameters it was given
+                "frozen_params": sorted(n for n, p in params if not p.requires_grad),
+                "optimizer_state_bytes": sum(size(t) for t in state),
+                "gradient_bytes": sum(size(p) for p in grads),
+                "trainable_elements": sum(getattr(p, "ds_numel", p.numel()) for p in grads),
+                "total_elements": sum(getattr(p, "ds_numel", p.numel()) for _, p in params)}
 
     def _full_gradients(self) -> dict[str, Any]:
         """The accumulated, reduced gradient of every parameter (gathered under ZeRO;
@@ -408,7 +453,11 @@ class Learner:
         state = self._full_state_dict()
         if self.rank != 0:
             return str(out)
-        self.engine.module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        module = self.engine.module
+        if self.cfg.lora.rank:  # the merged model, and the adapter in peft's format beside it
+            module.save_pretrained(str(out / "adapter"), state_dict=self._adapter_state, safe_serialization=True)
+            module = module.get_base_model()
+        module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
         export_tokenizer(self.model_path, out)
         return str(out)
 
@@ -436,14 +485,28 @@ class Learner:
         copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor (saved once)
         out = {}
         with gathered(list(module.parameters())):
-            for k, v in module.state_dict().items():
+            if self.cfg.lora.rank:  # HF names, adapters merged (what the generators serve)
+                from learner.lora import merged_state
+
+                self._adapter_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if ".lora_" in k}
+                state = merged_state(module)
+            else:
+                state = module.state_dict()
+            for k, v in state.items():
                 if v.data_ptr() not in copies:
                     copies[v.data_ptr()] = v.detach().cpu().clone()
                 out[k] = copies[v.data_ptr()]
         return out
 
-    def state_dict_numpy(self) -> dict[str, Any]:
-        return {k: v.float().numpy() for k, v in self._full_state_dict().items()}
+    def state_dict_numpy(self, raw: bool = False) -> dict[str, Any]:
+        """The policy's full weights in HF names (a LoRA policy's merged); raw: the module's
+        own state as it is held (a LoRA policy's base and adapter tensors, peft names)."""
+        if not raw:
+            return {k: v.float().numpy() for k, v in self._full_state_dict().items()}
+        from learner.broadcast import gathered
+
+        with gathered(list(self.engine.module.parameters())):
+            return {k: v.detach().float().cpu().numpy().copy() for k, v in self.engine.module.state_dict().items()}
 
     def ready(self) -> dict[str, Any]:
         return {"rank": self.rank, "node_id": node_id(), "pid": os.getpid(), "cores": self.cores}

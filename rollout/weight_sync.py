@@ -14,6 +14,7 @@ world = TP * PP of one engine (`rank_offset` carries `1 + i * world`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,12 +58,15 @@ def broadcast_async(pg: "ProcessGroup", tensor: torch.Tensor) -> Any:
     return pg.broadcast([tensor], torch.distributed.BroadcastOptions())
 
 
-def update_info(metas: list[TensorMeta], bucket_bytes: int) -> dict[str, Any]:
+def update_info(metas: list[TensorMeta], bucket_bytes: int, partial: bool = False) -> dict[str, Any]:
+    """partial: the push carries only some layers (a LoRA policy's adapted ones, whole);
+    the others keep their weights."""
     return {
         "names": [m.name for m in metas],
         "dtype_names": [m.dtype for m in metas],
         "shapes": [list(m.shape) for m in metas],
         "bucket_bytes": bucket_bytes,
+        "partial": partial,
     }
 
 
@@ -107,6 +111,7 @@ class CollectiveUpdateInfo(WeightTransferUpdateInfo):
     dtype_names: list[str]
     shapes: list[list[int]]
     bucket_bytes: int
+    partial: bool = False
 
     def metas(self) -> list[TensorMeta]:
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -129,6 +134,7 @@ class CollectiveWeightTransferEngine(
         self.timings: dict[str, float] = {}
         self.arena: torch.Tensor | None = None
         self.received: list[tuple[torch.Tensor, list[TensorMeta]]] | None = None
+        self.partial = False
 
     def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
         self.shutdown()  # re-initialising (e.g. a new set of generators) leaves the old group
@@ -159,6 +165,7 @@ class CollectiveWeightTransferEngine(
         if self.group is None:
             raise RuntimeError("weight transfer not initialised: call init_weight_transfer_engine")
         metas = info.metas()
+        self.partial = info.partial
         buckets = [[metas[i] for i in b] for b in plan_buckets(metas, info.bucket_bytes)]
         return buckets, [sum(m.nbytes for m in b) for b in buckets]
 
@@ -231,13 +238,31 @@ class CollectiveWeightTransferEngine(
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model, self.model_config)
+        # a partial push leaves the other layers as they were, each of which vLLM reports as
+        # "Failed to load weights": expected there, so not logged
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        quiet = _DropMessage("Failed to load weights")
+        if self.partial:
+            layerwise.addFilter(quiet)
+        try:
+            finalize_layerwise_reload(self.model, self.model_config)
+        finally:
+            layerwise.removeFilter(quiet)
         _refresh_tied_lm_head(self.model)
 
     def shutdown(self) -> None:
         if self.group is not None:
             close_group(self.group)
             self.group = None
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
 
 
 def _refresh_tied_lm_head(model: torch.nn.Module) -> None:

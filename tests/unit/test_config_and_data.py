@@ -41,12 +41,22 @@ def test_overrides_and_yaml_compose(tmp_path):
         ("rollout.top_p=0.95", "rollout.top_p: top_p < 1 is refused for training rollouts"),
         ("learner.policy_loss=gspo", "learner.policy_loss=gspo needs learner.reduction=seq_mean_token_mean"),
         ("learner.is_threshold_low=3", "learner.is_threshold_low=3.0 must be below learner.is_threshold_high=2.0"),
+        ("learner.lora.target_modules=[q_proj,qkv]", "learner.lora.target_modules: unknown or no target modules ['qkv']"),
+        ("learner.lora.target_modules=[]", "learner.lora.target_modules: unknown or no target modules []"),
+        ("learner.lora.rank=-1", "learner.lora.rank: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_config_names_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert fragment in str(err.value)
+
+
+def test_a_lora_run_refuses_another_kl_reference():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["learner.lora.rank=8", "learner.kl_coef=0.1", "learner.reference_path=/some/model"])
+    assert "learner.reference_path is set with learner.lora.rank > 0" in str(err.value)
+    assert load_config(None, ["learner.lora.rank=8", "learner.kl_coef=0.1"]).learner.lora.rank == 8
 
 
 def test_cli_rejects_bad_config_before_starting_anything(tmp_path):

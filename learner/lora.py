@@ -1,0 +1,133 @@
+"""LoRA adapters on the policy (peft), and the weights a LoRA policy pushes.
+
+With `learner.lora.rank > 0` the learner wraps its model with peft's LoRA: the base
+weights are frozen (the optimizer and its state hold only the adapters), the KL
+reference is the same model with the adapters switched off (no second copy), and what
+reaches the generators is the *merged* weight W + scaling * B @ A of each adapted
+module, in the HF names vLLM loads.
+
+vLLM fuses q/k/v into one `qkv_proj` layer and gate/up into `gate_up_proj`, and its
+layerwise reload rebuilds a layer only from *all* of its weights: a layer given some of
+them is left partly uninitialised, one given none keeps its weights. So a push carries
+every parameter (weights and biases) of each fused layer that holds an adapted module,
+and nothing of the layers without one (they are frozen: they never change).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rollout.buckets import TensorMeta
+
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+"""HF module -> the vLLM layer it is loaded into (the rest are layers of their own)."""
+_PREFIX = "base_model.model."
+
+
+def wrap(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> torch.nn.Module:
+    """The peft LoRA model around `model` (adapters initialised with B = 0: the
+    policy starts equal to the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    peft_model = get_peft_model(model, cfg)
+    if not any(_is_lora(m) for m in peft_model.modules()):
+        raise ValueError(f"learner.lora.target_modules={list(targets)}: no module of the model matched")
+    return peft_model
+
+
+def is_peft(module: torch.nn.Module) -> bool:
+    return hasattr(module, "disable_adapter") and hasattr(module, "peft_config")
+
+
+def _is_lora(module: torch.nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def hf_name(name: str) -> str:
+    """A peft parameter name -> the base model's (HF) name."""
+    return name.removeprefix(_PREFIX).replace(".base_layer.", ".")
+
+
+def _layer_of(hf: str) -> str:
+    """`model.layers.0.self_attn.k_proj.bias` -> `model.layers.0.self_attn.qkv_proj` (its vLLM layer)."""
+    module, _, _ = hf.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{FUSED.get(leaf, leaf)}"
+
+
+@dataclass
+class PushEntry:
+    """One tensor of a push: its meta (HF name, dtype, shape), the parameters it is
+    computed from (gathered together under ZeRO-3), and how (None: it is sources[0])."""
+
+    meta: TensorMeta
+    sources: list[torch.nn.Parameter]
+    merge: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+
+    def value(self) -> torch.Tensor:
+        tensors = [p.detach() for p in self.sources]
+        return tensors[0] if self.merge is None else self.merge(tensors)
+
+
+def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _meta(name: str, p: torch.nn.Parameter) -> TensorMeta:
+    return TensorMeta(name, str(p.dtype).removeprefix("torch."), _shape(p))
+
+
+def _merged(scaling: float) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
+        w, a, b = tensors
+        return (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+
+    return merge
+
+
+def push_entries(module: torch.nn.Module) -> list[PushEntry]:
+    """What a weight push carries, in layer order: every parameter of a plain model;
+    for a peft LoRA model, every parameter of each vLLM layer holding an adapter, with
+    the adapted weights merged."""
+    if not is_peft(module):
+        return [PushEntry(_meta(name, p), [p]) for name, p in module.named_parameters()]
+    adapted = {hf_name(name): m for name, m in module.named_modules() if _is_lora(m)}
+    layers = {_layer_of(f"{name}.weight") for name in adapted}
+    entries = []
+    for name, p in module.named_parameters():
+        if ".lora_" in name:
+            continue
+        hf = hf_name(name)
+        if _layer_of(hf) not in layers:
+            continue
+        owner = adapted.get(hf.rpartition(".")[0])
+        if owner is not None and hf.endswith(".weight"):
+            [adapter] = owner.active_adapters
+            sources = [p, owner.lora_A[adapter].weight, owner.lora_B[adapter].weight]
+            entries.append(PushEntry(_meta(hf, p), sources, _merged(float(owner.scaling[adapter]))))
+        else:
+            entries.append(PushEntry(_meta(hf, p), [p]))
+    return entries
+
+
+def merged_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model in HF names, adapters merged (values must be gathered already)."""
+    adapted = {hf_name(name): m for name, m in module.named_modules() if _is_lora(m)}
+    out = {}
+    for name, v in module.state_dict().items():
+        if ".lora_" in name:
+            continue
+        hf = hf_name(name)
+        owner = adapted.get(hf.rpartition(".")[0])
+        if owner is not None and hf.endswith(".weight"):
+            [adapter] = owner.active_adapters
+            v = _merged(float(owner.scaling[adapter]))(
+                [v, owner.lora_A[adapter].weight.detach(), owner.lora_B[adapter].weight.detach()])
+        out[hf] = v
+    return out
