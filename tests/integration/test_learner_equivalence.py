@@ -103,8 +103,9 @@ def test_several_updates_per_step_do_not_depend_on_the_ranks(ray_session, tiny_m
         wb = ray.get([r.state_dict_numpy.remote() for r in two.ranks])[0]
         moved = max(np.abs(wa[k] - before[k]).max() for k in wa)
         # Adam divides by sqrt(v): gradients equal to 1e-5 (above) become weights equal to ~1e-3 of
-        # the move. Measured 1.02e-3 on this kind of machine's CPU (13104d0 the same), 2e-3 bound.
-        assert moved > 1e-3 and max(np.abs(wa[k] - wb[k]).max() for k in wa) < 2e-3 * moved
+        # the move. Measured 1.02e-3 on one machine's CPU (13104d0 the same) and 3.4e-3 on another
+        # (2026-12-02, the same code at e5daea1, bit for bit the same figure): 6e-3 bound.
+        assert moved > 1e-3 and max(np.abs(wa[k] - wb[k]).max() for k in wa) < 6e-3 * moved
     finally:
         one.kill()
         two.kill()
