@@ -76,7 +76,8 @@ class WeightBroadcaster:
         if sender:
             self.client.start_weight_update()
             # The generators' receive blocks inside the broadcasts: run it alongside.
-            receiving = self._pool.submit(self.client.update_weights, update_info(metas, self.bucket_bytes, partial=is_peft(self.module)))
+            info = update_info(metas, self.bucket_bytes, partial=is_peft(self.module))
+            receiving = self._pool.submit(self.client.update_weights, info)
         nbytes = 0
         zero3 = any(hasattr(p, "ds_id") for e in entries for p in e.sources)
         in_flight = None  # the previous bucket's broadcast: it travels while this one is packed

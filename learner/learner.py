@@ -61,6 +61,12 @@ def export_tokenizer(source: str | Path, out: Path) -> None:
     gen.save_pretrained(str(out))
 
 
+def _supervised(prompt: list[int], completion: list[int]) -> Sequence:
+    """A fixed (prompt, completion) pair as a sequence the learner scores: no behaviour
+    logprobs, no advantage."""
+    return Sequence(prompt, Sample(completion, [0.0] * len(completion), "", "stop", [(0, 0)]), 0.0)
+
+
 class NonFiniteWeights(RuntimeError):
     """The policy's weights hold NaN or inf: they must not reach the generators."""
 
@@ -285,7 +291,7 @@ class Learner:
         log-likelihood, a token mean over the whole batch. Same schedule, same
         DeepSpeed engine, same guarded optimizer as the RL step."""
         t0 = time.perf_counter()
-        seqs = [Sequence(p, Sample(c, [0.0] * len(c), "", "stop", [(0, 0)]), 0.0) for p, c in examples]
+        seqs = [_supervised(p, c) for p, c in examples]
         if len(seqs) != plan.num_sequences or plan.world != self.world_size or plan.accumulation != self.accumulation:
             raise ValueError(f"learner rank {self.rank}: the SFT plan does not match this batch or learner")
         total, skipped_before = 0.0, self._skipped()
@@ -366,8 +372,7 @@ class Learner:
     def sequence_logprobs(self, ids: list[int], reference: bool = False) -> list[float]:
         """The policy's (or the KL reference's) logprob of each token of `ids` given the
         ones before, at the sampling temperature (every rank calls it under ZeRO-3)."""
-        micro = build_micro([Sequence(ids[:1], Sample(ids[1:], [0.0] * (len(ids) - 1), "", "stop", [(0, 0)]), 0.0)],
-                            self.pad_id, False, None).to(self.engine.device)
+        micro = build_micro([_supervised(ids[:1], ids[1:])], self.pad_id, False, None).to(self.engine.device)
         self.engine.eval()
         try:
             if reference:
@@ -450,12 +455,12 @@ class Learner:
         """Export the policy as an HF model directory (transformers and vLLM load it)."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        state = self._full_state_dict()
+        state, adapter = self._full_states()
         if self.rank != 0:
             return str(out)
         module = self.engine.module
         if self.cfg.lora.rank:  # the merged model, and the adapter in peft's format beside it
-            module.save_pretrained(str(out / "adapter"), state_dict=self._adapter_state, safe_serialization=True)
+            module.save_pretrained(str(out / "adapter"), state_dict=adapter, safe_serialization=True)
             module = module.get_base_model()
         module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
         export_tokenizer(self.model_path, out)
@@ -478,25 +483,29 @@ class Learner:
         torch.set_rng_state(client["torch_rng"])
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unpartitioned) weights on CPU; a collective under ZeRO-3 (every rank calls)."""
+        return self._full_states()[0]
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Full (unpartitioned) weights on CPU in HF names (a LoRA policy's merged), and a
+        LoRA policy's adapter tensors (peft names; else empty), from one gather: a
+        collective under ZeRO-3 (every rank calls)."""
         from learner.broadcast import gathered
 
         module = self.engine.module
         copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor (saved once)
-        out = {}
+        out, adapter = {}, {}
         with gathered(list(module.parameters())):
-            if self.cfg.lora.rank:  # HF names, adapters merged (what the generators serve)
+            state = module.state_dict()
+            if self.cfg.lora.rank:  # what the generators serve
                 from learner.lora import merged_state
 
-                self._adapter_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if ".lora_" in k}
+                adapter = {k: v.detach().cpu().clone() for k, v in state.items() if ".lora_" in k}
                 state = merged_state(module)
-            else:
-                state = module.state_dict()
             for k, v in state.items():
                 if v.data_ptr() not in copies:
                     copies[v.data_ptr()] = v.detach().cpu().clone()
                 out[k] = copies[v.data_ptr()]
-        return out
+        return out, adapter
 
     def state_dict_numpy(self, raw: bool = False) -> dict[str, Any]:
         """The policy's full weights in HF names (a LoRA policy's merged); raw: the module's

@@ -91,43 +91,47 @@ def _merged(scaling: float) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     return merge
 
 
+def _adapted(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """HF module name -> its peft LoRA layer."""
+    return {hf_name(name): m for name, m in module.named_modules() if _is_lora(m)}
+
+
+def _merge_of(adapted: dict[str, torch.nn.Module], hf: str) -> tuple[list[torch.nn.Parameter], Callable] | None:
+    """For an adapted module's weight: the adapter's (A, B) and the merge; else None."""
+    owner = adapted.get(hf.rpartition(".")[0])
+    if owner is None or not hf.endswith(".weight"):
+        return None
+    [adapter] = owner.active_adapters
+    return [owner.lora_A[adapter].weight, owner.lora_B[adapter].weight], _merged(float(owner.scaling[adapter]))
+
+
 def push_entries(module: torch.nn.Module) -> list[PushEntry]:
     """What a weight push carries, in layer order: every parameter of a plain model;
     for a peft LoRA model, every parameter of each vLLM layer holding an adapter, with
     the adapted weights merged."""
     if not is_peft(module):
         return [PushEntry(_meta(name, p), [p]) for name, p in module.named_parameters()]
-    adapted = {hf_name(name): m for name, m in module.named_modules() if _is_lora(m)}
+    adapted = _adapted(module)
     layers = {_layer_of(f"{name}.weight") for name in adapted}
     entries = []
     for name, p in module.named_parameters():
-        if ".lora_" in name:
-            continue
         hf = hf_name(name)
-        if _layer_of(hf) not in layers:
+        if ".lora_" in name or _layer_of(hf) not in layers:
             continue
-        owner = adapted.get(hf.rpartition(".")[0])
-        if owner is not None and hf.endswith(".weight"):
-            [adapter] = owner.active_adapters
-            sources = [p, owner.lora_A[adapter].weight, owner.lora_B[adapter].weight]
-            entries.append(PushEntry(_meta(hf, p), sources, _merged(float(owner.scaling[adapter]))))
-        else:
-            entries.append(PushEntry(_meta(hf, p), [p]))
+        merge = _merge_of(adapted, hf)
+        entries.append(PushEntry(_meta(hf, p), [p]) if merge is None else
+                       PushEntry(_meta(hf, p), [p, *merge[0]], merge[1]))
     return entries
 
 
 def merged_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model in HF names, adapters merged (values must be gathered already)."""
-    adapted = {hf_name(name): m for name, m in module.named_modules() if _is_lora(m)}
+    adapted = _adapted(module)
     out = {}
     for name, v in module.state_dict().items():
         if ".lora_" in name:
             continue
         hf = hf_name(name)
-        owner = adapted.get(hf.rpartition(".")[0])
-        if owner is not None and hf.endswith(".weight"):
-            [adapter] = owner.active_adapters
-            v = _merged(float(owner.scaling[adapter]))(
-                [v, owner.lora_A[adapter].weight.detach(), owner.lora_B[adapter].weight.detach()])
-        out[hf] = v
+        merge = _merge_of(adapted, hf)
+        out[hf] = v if merge is None else merge[1]([v, *(p.detach() for p in merge[0])])
     return out
