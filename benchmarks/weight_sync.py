@@ -4,6 +4,10 @@ broadcast of the same buckets over the same backend between plain actors with th
 same resources, and against one memcpy of the same bytes.
 
     grpo bench weight-sync [--sizes 1M 10M 50M 150M] [--generators 1 2] [--reps 3] [key.sub=value ...]
+    grpo bench weight-sync --sizes 25M --generators 1 --modes full full-bf16 lora-merged delta delta-bf16
+
+--modes adds bytes and seconds per push after a real learner step, for each way of
+pushing (benchmarks/push_modes.py), to push_modes.json.
 
 Overrides reach the real config, e.g. `sync.bucket_mb=16` or `learner.zero_stage=3
 learner.num_ranks=2 run.prompts_per_step=2` (ZeRO-3 streaming).
@@ -15,6 +19,7 @@ import itertools
 import time
 from typing import Any, Iterator
 
+from benchmarks import push_modes
 from benchmarks.common import CALL_TIMEOUT_S, DEFAULT_OUT, MODEL_SIZES, log, median, random_model, report, resolved, start_ray
 
 
@@ -321,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", nargs="+", default=["1M", "10M", "50M", "150M"], choices=list(MODEL_SIZES))
     parser.add_argument("--generators", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=3, help="at least this many of each measurement (more for small models)")
+    parser.add_argument("--modes", nargs="*", default=[], choices=list(push_modes.MODES),
+                        help="also: bytes and seconds per push after a learner step, in these ways of pushing "
+                             "(written to push_modes.json)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (sync.*, learner.*, cluster.*)")
     args = parser.parse_args(argv)
@@ -332,10 +340,16 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(None, [f"rollout.num_generators={max(args.generators)}", *args.overrides])
     start_ray()
     cfg = resolved(cfg)
-    results = []
+    results, modes = [], []
     try:
         for size in args.sizes:
-            results += measure_size(size, args, cfg)
+            rows = measure_size(size, args, cfg)
+            results += rows
+            if args.modes:
+                path, params = random_model(size, args.out)
+                by_mode = push_modes.mode_rows(size, path, params, args.modes, max(args.reps, 3), args.overrides)
+                push_modes.add_limits(by_mode, next(r for r in rows if r["generators"] == min(args.generators)))
+                modes += by_mode
     finally:
         ray.shutdown()
     rows = [[r["model"], r["bytes"] / 2**20, r["generators"], r["sync_s"] * 1e3, r["raw_broadcast_s"] * 1e3,
@@ -345,6 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {f"weight_sync/{r['model']}/{r['generators']}gen/ratio_sync_to_raw": r["ratio_sync_to_raw"] for r in results}
     config = {"args": vars(args), "sync": cfg.sync.model_dump(), "learner": cfg.learner.model_dump(),
               "rollout": cfg.rollout.model_dump(), "cluster": cfg.cluster.model_dump()}
+    if modes:
+        report("push_modes", args.out, config, modes, push_modes.summary(modes), push_modes.HEADERS,
+               push_modes.table_rows(modes), lambda p: push_modes.plot(modes, p), started)
     return report("weight_sync", args.out, config, results, summary,
                   ["model", "MiB", "gens", "sync ms", "raw bcast ms", "load ms", "memcpy ms", "sync GB/s", "raw GB/s",
                    "sync/raw", "sync/(raw+load)"],

@@ -249,6 +249,12 @@ class Config(Section):
             raise ValueError("data: set data.task or data.path")
         if self.cluster.placement == "colocated":
             _check_colocated(self)
+        if self.sync.delta and self.learner.lora.rank:
+            raise ValueError("sync.delta is for full fine-tuning: with learner.lora.rank > 0 a push already carries "
+                             "only the adapted layers; set sync.delta=false")
+        if self.sync.delta and self.learner.zero_stage == 3:
+            raise ValueError("sync.delta needs the whole previous push on the sender, which ZeRO-3 never holds "
+                             "(it gathers one bucket at a time): use learner.zero_stage <= 2, or sync.delta=false")
         return self
 
 

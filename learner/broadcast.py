@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 
 from learner.lora import is_peft, push_entries
+from rollout import delta
 from rollout.config import WeightSyncConfig
 from rollout.buckets import TensorMeta, pack, plan_buckets
 from rollout.weight_sync import WeightSyncClient, broadcast_async, close_group, open_group, update_info
@@ -49,6 +51,10 @@ class WeightBroadcaster:
         # Two pack buffers, kept across syncs (one packs while the other is sent):
         # freshly allocated ones cost page faults on every sync (CPU).
         self._pack_buffers: list[torch.Tensor | None] = [None, None]
+        # sync.delta: a copy of what the last push sent (flat, per tensor) and its number in
+        # this group; a new broadcaster (a new group) starts with a full push
+        self._last: list[torch.Tensor] | None = None
+        self._seq = 0
 
     def connect(self, world_size: int) -> None:
         """Rendezvous with every generator worker (both sides must join at once), on this
@@ -66,26 +72,71 @@ class WeightBroadcaster:
 
     @torch.no_grad()
     def send(self, version: int) -> dict[str, float]:
-        """Stream all parameters as packed buckets; generators serve `version` after."""
+        """Stream the policy to the generators, which serve `version` after. With
+        sync.delta, every push after the group's first sends only the elements that
+        changed since the previous one (rollout/delta.py); a new group (reconnect: a
+        replaced generator, a new learner) or a failed push starts again from a full one."""
         sender = self.client is not None
         if sender and self.group is None:
             raise RuntimeError("WeightBroadcaster.connect() must run before send()")
         t0 = time.perf_counter()
         entries = push_entries(self.module)
         metas = [e.meta for e in entries]
+        metrics: dict[str, float] = {}
+        try:
+            if sender and self.cfg.delta and self._last is not None:
+                counts, tensors = [], []
+                for e, last in zip(entries, self._last):
+                    count, parts = delta.encode(e.meta, e.value(), last)
+                    counts.append(count)
+                    tensors += parts
+                wire = delta.wire(metas, counts)
+                total = sum(m.nbytes // getattr(torch, m.dtype).itemsize for m in metas)
+                metrics = {"sync/changed_frac": sum(counts) / max(total, 1),
+                           "sync/full_bytes": float(sum(m.nbytes for m in metas))}
+                info = update_info(metas, self.bucket_bytes, partial=True, seq=self._seq + 1, keep=True,
+                                   delta={"base": self._seq, "counts": counts})
+                nbytes = self._stream(version, info, wire, tensors.__getitem__, lambda bucket: [])
+            else:
+                kept: list[torch.Tensor] | None = [] if sender and self.cfg.delta else None
+                info = update_info(metas, self.bucket_bytes, partial=is_peft(self.module), seq=self._seq + 1,
+                                   keep=self.cfg.delta) if sender else None
+
+                def value(i: int) -> torch.Tensor:
+                    v = entries[i].value()
+                    if kept is not None:  # the base of the next delta
+                        kept.append(v.detach().reshape(-1).clone())
+                    return v
+
+                nbytes = self._stream(version, info, metas, value,
+                                      lambda bucket: [p for i in bucket for p in entries[i].sources])
+                if kept is not None:
+                    self._last = kept
+        except BaseException:
+            self._last = None  # the generators' copies may no longer match ours: the next push is full
+            raise
+        self._seq += 1
+        return {"sync/bytes": float(nbytes), "sync/seconds": time.perf_counter() - t0, **metrics}
+
+    def _stream(self, version: int, info: dict[str, Any] | None, metas: list[TensorMeta],
+                value: Callable[[int], torch.Tensor], sources: Callable[[list[int]], list[torch.nn.Parameter]]) -> int:
+        """Send `metas` (values from `value(i)`) as packed buckets, one broadcast each,
+        while the generators receive (`info`: None on the ranks that only join ZeRO-3's
+        gathers); -> bytes sent."""
+        sender = info is not None
         if sender:
             self.client.start_weight_update()
             # The generators' receive blocks inside the broadcasts: run it alongside.
-            info = update_info(metas, self.bucket_bytes, partial=is_peft(self.module))
             receiving = self._pool.submit(self.client.update_weights, info)
         nbytes = 0
-        zero3 = any(hasattr(p, "ds_id") for e in entries for p in e.sources)
         in_flight = None  # the previous bucket's broadcast: it travels while this one is packed
         for k, bucket in enumerate(plan_buckets(metas, self.bucket_bytes)):
-            with gathered([p for i in bucket for p in entries[i].sources]):
+            params = sources(bucket)
+            zero3 = any(hasattr(p, "ds_id") for p in params)
+            with gathered(params):
                 if not sender:
                     continue
-                tensors = [entries[i].value() for i in bucket]
+                tensors = [value(i) for i in bucket]
                 flat = pack(tensors, self._pack_buffer(k % 2, sum(metas[i].nbytes for i in bucket), tensors[0].device)
                             if len(tensors) > 1 else None)
                 if receiving.done():  # a generator failed before joining: surface it, don't hang
@@ -102,7 +153,7 @@ class WeightBroadcaster:
         if sender:
             receiving.result(timeout=self.cfg.timeout_s)
             self.client.finish_weight_update(version)
-        return {"sync/bytes": float(nbytes), "sync/seconds": time.perf_counter() - t0}
+        return nbytes
 
     def _pack_buffer(self, slot: int, nbytes: int, device: torch.device) -> torch.Tensor:
         buf = self._pack_buffers[slot]

@@ -92,6 +92,19 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def _load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """A LoRA checkpoint's module state: exactly the trainable (adapter) parameters."""
+    params = dict(dst.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    aliases = set(dst.state_dict()) - set(params)  # a tied output layer: saved under its own name too
+    missing, unexpected = trainable - set(src), set(src) - trainable - aliases
+    if missing or unexpected:
+        raise ValueError(f"checkpoint: its module state holds {len(src)} tensors, the policy trains "
+                         f"{len(trainable)} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): "
+                         f"not a checkpoint of this LoRA policy")
+    dst.load_state_dict({k: v for k, v in src.items() if k in trainable}, strict=False)
+
+
 def deepspeed_config(cfg: LearnerConfig, micro: int, accumulation: int, world: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": micro,
@@ -467,15 +480,19 @@ class Learner:
         return str(out)
 
     def save_checkpoint(self, path: str) -> None:
-        """DeepSpeed checkpoint of this rank (weights, optimizer, LR schedule); every rank calls it."""
+        """DeepSpeed checkpoint of this rank (weights, optimizer, LR schedule); every rank calls it.
+        A LoRA policy's holds only the adapters and their optimizer state: the frozen base is
+        the model directory the run started from."""
         self.engine.save_checkpoint(path, tag="state", client_state={"steps_done": self.steps_done,
-                                                                     "torch_rng": torch.get_rng_state()})
+                                                                     "torch_rng": torch.get_rng_state()},
+                                    exclude_frozen_parameters=bool(self.cfg.lora.rank))
 
     def load_checkpoint(self, path: str, trust: bool = False) -> None:
         """trust: unpickle what the files hold (only for one's own older checkpoints)."""
         self.engine.checkpoint_engine.trust = trust
         _, client = self.engine.load_checkpoint(
-            path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+            path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=True,
+            custom_load_fn=_load_trainable if self.cfg.lora.rank else None,
         )
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")

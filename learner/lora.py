@@ -19,11 +19,8 @@ from typing import Callable
 
 import torch
 
-from rollout.buckets import TensorMeta
+from rollout.buckets import TensorMeta, vllm_layer
 
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-"""HF module -> the vLLM layer it is loaded into (the rest are layers of their own)."""
 _PREFIX = "base_model.model."
 
 
@@ -52,13 +49,6 @@ def _is_lora(module: torch.nn.Module) -> bool:
 def hf_name(name: str) -> str:
     """A peft parameter name -> the base model's (HF) name."""
     return name.removeprefix(_PREFIX).replace(".base_layer.", ".")
-
-
-def _layer_of(hf: str) -> str:
-    """`model.layers.0.self_attn.k_proj.bias` -> `model.layers.0.self_attn.qkv_proj` (its vLLM layer)."""
-    module, _, _ = hf.rpartition(".")
-    parent, _, leaf = module.rpartition(".")
-    return f"{parent}.{FUSED.get(leaf, leaf)}"
 
 
 @dataclass
@@ -112,11 +102,11 @@ def push_entries(module: torch.nn.Module) -> list[PushEntry]:
     if not is_peft(module):
         return [PushEntry(_meta(name, p), [p]) for name, p in module.named_parameters()]
     adapted = _adapted(module)
-    layers = {_layer_of(f"{name}.weight") for name in adapted}
+    layers = {vllm_layer(f"{name}.weight") for name in adapted}
     entries = []
     for name, p in module.named_parameters():
         hf = hf_name(name)
-        if ".lora_" in name or _layer_of(hf) not in layers:
+        if ".lora_" in name or vllm_layer(hf) not in layers:
             continue
         merge = _merge_of(adapted, hf)
         entries.append(PushEntry(_meta(hf, p), [p]) if merge is None else

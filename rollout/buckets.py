@@ -12,6 +12,20 @@ import torch
 ENGINE_NAME = "grpo_collective"
 """The weight-transfer backend name our vLLM engines register (rollout/weight_sync.py)."""
 
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+"""HF module -> the vLLM layer it is loaded into (the rest are layers of their own)."""
+
+
+def vllm_layer(name: str) -> str:
+    """`model.layers.0.self_attn.k_proj.bias` -> `model.layers.0.self_attn.qkv_proj`: the
+    vLLM layer an HF tensor is loaded into. vLLM's layerwise reload rebuilds a layer only
+    from *all* of its tensors (one given some is left partly uninitialised, one given none
+    keeps its weights), so a push that skips tensors skips whole layers."""
+    module, _, _ = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{FUSED.get(leaf, leaf)}"
+
 
 @dataclass(frozen=True)
 class TensorMeta:

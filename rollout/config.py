@@ -86,3 +86,10 @@ class WeightSyncConfig(Section):
     timeout_s: float = Field(60.0, gt=0.0)
     """Deadline of the group's rendezvous, of every collective (each bucket's broadcast)
     and of every generator call during a sync: a hung sync is handled like a dead generator."""
+    delta: bool = False
+    """Full fine-tuning: after a group's first (full) push, send only the elements whose
+    bits changed since the previous push (index + value, or the whole tensor where that
+    is smaller), and reload only the vLLM layers that changed (rollout/delta.py). Both
+    sides keep a copy of the last push (the model's size; on CPU the receiver's is the
+    buffer it already keeps). Off by default: see the README for the measured changed
+    fractions. Refused with LoRA and with ZeRO-3."""

@@ -84,6 +84,11 @@ class Generator:
         in vLLM's loader)."""
         return self.loop.take_timings()
 
+    def kept_weights_digest(self) -> dict[str, str]:
+        """sync.delta: per tensor, a digest of the weights a delta applies to (each TP
+        worker holds its own copy: worker 0's)."""
+        return self.loop.run(lambda: self.llm.collective_rpc("kept_weights_digest"))[0]
+
     def ready(self) -> dict[str, Any]:
         return {"index": self.index, "init_seconds": self.init_seconds, "version": self.loop.version,
                 "node_id": node_id(), "pid": os.getpid(), "cores": self.cores, "sync_peer": self.sync_peer}

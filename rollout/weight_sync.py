@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from rollout.buckets import ENGINE_NAME, TensorMeta, plan_buckets, unpack
+from rollout import delta
+from rollout.buckets import ENGINE_NAME, TensorMeta, plan_buckets, unpack, vllm_layer
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -58,15 +59,22 @@ def broadcast_async(pg: "ProcessGroup", tensor: torch.Tensor) -> Any:
     return pg.broadcast([tensor], torch.distributed.BroadcastOptions())
 
 
-def update_info(metas: list[TensorMeta], bucket_bytes: int, partial: bool = False) -> dict[str, Any]:
-    """partial: the push carries only some layers (a LoRA policy's adapted ones, whole);
-    the others keep their weights."""
+def update_info(metas: list[TensorMeta], bucket_bytes: int, partial: bool = False, seq: int = 0,
+                keep: bool = False, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a push carries (every tensor's name, dtype and full shape, in order).
+    partial: the push carries only some layers (a LoRA policy's adapted ones, whole);
+    the others keep their weights. seq: the push's number in this group; keep: the
+    receivers keep what they received (sync.delta: the base of the next delta);
+    delta: {"base": the seq it applies to, "counts": changed elements per tensor}."""
     return {
         "names": [m.name for m in metas],
         "dtype_names": [m.dtype for m in metas],
         "shapes": [list(m.shape) for m in metas],
         "bucket_bytes": bucket_bytes,
         "partial": partial,
+        "seq": seq,
+        "keep": keep,
+        "delta": delta,
     }
 
 
@@ -112,6 +120,9 @@ class CollectiveUpdateInfo(WeightTransferUpdateInfo):
     shapes: list[list[int]]
     bucket_bytes: int
     partial: bool = False
+    seq: int = 0
+    keep: bool = False
+    delta: dict[str, Any] | None = None
 
     def metas(self) -> list[TensorMeta]:
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -132,12 +143,15 @@ class CollectiveWeightTransferEngine(
         super().__init__(config, vllm_config, device, model)
         self.group: ProcessGroup | None = None
         self.timings: dict[str, float] = {}
-        self.arena: torch.Tensor | None = None
-        self.received: list[tuple[torch.Tensor, list[TensorMeta]]] | None = None
+        self.buffers: dict[str, torch.Tensor] = {}  # "arena": full pushes, "delta": delta pushes
+        self.received: list[list[tuple[str, torch.Tensor]]] | None = None
         self.partial = False
+        self.mirror: dict[str, torch.Tensor] | None = None  # sync.delta: the weights of push `mirror_seq`
+        self.mirror_seq = -1
 
     def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
         self.shutdown()  # re-initialising (e.g. a new set of generators) leaves the old group
+        self.mirror, self.mirror_seq = None, -1  # a new group starts with a full push
         pc = self.parallel_config
         rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
         self.group = open_group(
@@ -161,17 +175,31 @@ class CollectiveWeightTransferEngine(
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _buckets(self, info: CollectiveUpdateInfo) -> tuple[list[list[TensorMeta]], list[int]]:
+    def _buckets(self, metas: list[TensorMeta], info: CollectiveUpdateInfo) -> tuple[list[list[TensorMeta]], list[int]]:
         if self.group is None:
             raise RuntimeError("weight transfer not initialised: call init_weight_transfer_engine")
-        metas = info.metas()
         self.partial = info.partial
         buckets = [[metas[i] for i in b] for b in plan_buckets(metas, info.bucket_bytes)]
         return buckets, [sum(m.nbytes for m in b) for b in buckets]
 
+    def _receive(self, metas: list[TensorMeta], info: CollectiveUpdateInfo, slot: str) -> list[list[tuple[str, torch.Tensor]]]:
+        """Every bucket of `metas` into the buffer `slot`, kept across syncs: -> the
+        tensors, per bucket (views into the buffer)."""
+        buckets, sizes = self._buckets(metas, info)
+        starts = [0]
+        for size in sizes[:-1]:  # each bucket 64-byte aligned, so its tensors' views are too
+            starts.append(starts[-1] + -(-size // 64) * 64)
+        arena = self._buffer(slot, starts[-1] + sizes[-1] if sizes else 0)
+        flats = [arena[start : start + size] for start, size in zip(starts, sizes)]
+        for work in [broadcast_async(self.group, flat) for flat in flats]:
+            work.wait()
+        return [unpack(flat, b) for flat, b in zip(flats, buckets)]
+
     def receive_into_arena(self, info: CollectiveUpdateInfo) -> None:
-        """CPU: receive every bucket into one arena kept across syncs, loading nothing
-        (the engine may keep sampling meanwhile); `load_received` loads them.
+        """CPU (and GPU with sync.delta): receive every bucket into one arena kept across
+        syncs, loading nothing (the engine may keep sampling meanwhile); `load_received`
+        loads them. The arena then holds the weights just sent: a delta push (sync.delta)
+        is applied to it, and only its vLLM layers that changed are loaded.
 
         malloc returns big blocks to the OS, and faulting fresh pages in costs more
         than the transfer, hence the kept arena. It never reuses memory within a sync
@@ -179,25 +207,45 @@ class CollectiveWeightTransferEngine(
         received first, then loaded: on CPU the receiving thread and the loader's
         OpenMP threads would compete for the same cores (measured: overlapping them is
         ~15% slower on 2 cores)."""
-        buckets, sizes = self._buckets(info)
-        starts = [0]
-        for size in sizes[:-1]:  # each bucket 64-byte aligned, so its tensors' views are too
-            starts.append(starts[-1] + -(-size // 64) * 64)
-        arena = self._arena(starts[-1] + sizes[-1] if sizes else 0)
-        flats = [arena[start : start + size] for start, size in zip(starts, sizes)]
         t0 = time.perf_counter()
-        for work in [broadcast_async(self.group, flat) for flat in flats]:
-            work.wait()
-        self.received = list(zip(flats, buckets))
+        metas = info.metas()
+        if info.delta is None:
+            self.received = self._receive(metas, info, "arena")
+            self.mirror = {name: t for bucket in self.received for name, t in bucket} if info.keep else None
+            self.mirror_seq = info.seq
+        else:
+            self.received = [self._apply_delta(metas, info)]
         self.timings = {"sync/wait": time.perf_counter() - t0, "sync/load": 0.0}
+
+    def _apply_delta(self, metas: list[TensorMeta], info: CollectiveUpdateInfo) -> list[tuple[str, torch.Tensor]]:
+        """Receive a delta push, bring the kept copy up to date -> the tensors of every
+        vLLM layer that changed (whole layers: vLLM reloads a layer from all of them)."""
+        base, counts = info.delta["base"], list(info.delta["counts"])
+        if self.mirror is None or self.mirror_seq != base:
+            raise RuntimeError(f"delta push {info.seq} applies to push {base}, but this worker holds "
+                               f"{'no kept push' if self.mirror is None else f'push {self.mirror_seq}'}: "
+                               f"it needs a full push (reconnect)")
+        if [m.name for m in metas] != list(self.mirror):
+            raise RuntimeError("delta push: its tensors are not those of the kept push")
+        parts = iter(t for bucket in self._receive(delta.wire(metas, counts), info, "delta") for _, t in bucket)
+        layers = set()
+        for meta, count in zip(metas, counts):
+            kind = delta.encoding(meta, count)
+            delta.apply(self.mirror[meta.name], meta, count,
+                        [next(parts) for _ in range(delta.PARTS[kind])])
+            if count:
+                layers.add(vllm_layer(meta.name))
+        self.mirror_seq = info.seq
+        return [(name, t) for name, t in self.mirror.items() if vllm_layer(name) in layers]
 
     def load_received(self) -> None:
         """Load what receive_into_arena received (between start_ and finish_weight_update)."""
         if self.received is None:
             raise RuntimeError("no received weights to load")
         t0 = time.perf_counter()
-        for flat, bucket_metas in self.received:
-            self.model.load_weights(unpack(flat, bucket_metas))
+        for tensors in self.received:
+            if tensors:
+                self.model.load_weights(iter(tensors))
         self.received = None
         self.timings["sync/load"] = time.perf_counter() - t0
 
@@ -205,11 +253,11 @@ class CollectiveWeightTransferEngine(
         """Receive and load (vLLM's update_weights path). On GPUs the caching allocator
         already reuses memory and a spare model copy costs too much: each bucket gets
         its own buffer, and the next bucket arrives while this one loads."""
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" or info.keep:  # sync.delta: the kept copy costs the model's size
             self.receive_into_arena(info)
             self.load_received()
             return
-        buckets, sizes = self._buckets(info)
+        buckets, sizes = self._buckets(info.metas(), info)
         waited = loaded = 0.0
         pending = None
         for k, bucket_metas in enumerate(buckets):
@@ -229,11 +277,12 @@ class CollectiveWeightTransferEngine(
             loaded += time.perf_counter() - t1
         self.timings = {"sync/wait": waited, "sync/load": loaded}
 
-    def _arena(self, nbytes: int) -> torch.Tensor:
-        if self.arena is None or self.arena.numel() < nbytes:
-            self.arena = None  # free the old one first
-            self.arena = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return self.arena
+    def _buffer(self, slot: str, nbytes: int) -> torch.Tensor:
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            self.buffers.pop(slot, None)  # free the old one first
+            buf = self.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -302,4 +351,13 @@ class WorkerExtension:
 
     def load_received_weights(self) -> None:
         self.weight_transfer_engine.load_received()
+
+    def kept_weights_digest(self) -> dict[str, str]:
+        """sync.delta: a SHA-256 of each tensor of the kept copy (the weights of the last
+        push, which the next delta applies to), as float32 bytes; {} when none is kept."""
+        import hashlib
+
+        engine = getattr(self, "weight_transfer_engine", None)
+        mirror = getattr(engine, "mirror", None) or {}
+        return {name: hashlib.sha256(t.detach().float().cpu().numpy().tobytes()).hexdigest() for name, t in mirror.items()}
 

@@ -11,6 +11,7 @@ from cluster.actors.placement import alive_nodes, learner_only, resolve_resource
 from cluster.commands.sft import SFTSettings, run_sft
 from cluster.config import Config
 from cluster.data import arithmetic_split
+from learner.config import LoRAConfig
 from learner.tiny_model import build_tiny_model
 
 # Bump when the tiny model, tokenizer, task text or cold start change meaning.
@@ -44,7 +45,11 @@ def prepare_model(cfg: Config, log=print) -> str:
     pairs = [(r["prompt"], r["reference"]) for r in arithmetic_split(cfg.data)["sft"]]
     c = cfg.model.cold_start
     start_ray(cfg.cluster)
-    resolved = resolve_resources(learner_only(cfg), alive_nodes())
+    # the cold start builds the model every run of this key starts from: full fine-tuning,
+    # whatever the RL stage's learner.lora (a LoRA on a random model learns nothing here)
+    sft_cfg = learner_only(cfg)
+    sft_cfg = sft_cfg.model_copy(update={"learner": sft_cfg.learner.model_copy(update={"lora": LoRAConfig()})})
+    resolved = resolve_resources(sft_cfg, alive_nodes())
     log(f"cold start: {c.steps} SFT steps of {c.batch_size} on the built-in task ({len(pairs)} examples)")
     run_sft(resolved, str(tmp), pairs, SFTSettings(c.steps, c.batch_size, c.lr, c.seed), trained, log,
             template="none")  # the built-in task keeps its own format

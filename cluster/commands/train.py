@@ -188,14 +188,16 @@ class Run:
         with self.sup.weights:  # a generator's replacement never receives weights not yet published
             stats = self.actors.learners.train(batch.groups, version=self.version) if batch.groups else {}  # none: no group had signal
             t2 = time.perf_counter()
+            sent = {}
             if batch.groups:
-                self.sup.push(self.version + 1)
+                sent = self.sup.push(self.version + 1)  # sync/bytes, sync/seconds (and a delta's sync/changed_frac)
                 self.version += 1
         self.pipeline.publish(step + 1, self.version)
         t3 = time.perf_counter()
         row = {"step": step + 1, **step_metrics(batch.sampled, stats), **batch.info,
                "policy_version_trained": self.version,
-               "time/train": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0, "time/started": t0 - self.t_loop}
+               "time/train": t2 - t1, "time/sync": t3 - t2, "time/step": t3 - t0, "time/started": t0 - self.t_loop,
+               **sent}
         row.update(actor_timings(self.actors.generators, self.sup.live))
         row.update(self.sup.step_done(step))
         records = batch_records(batch.sampled, batch.groups, batch.dropped, self.cfg.learner.advantage,

@@ -183,3 +183,10 @@ def test_resume_without_checkpoint_fails_before_starting_anything(tmp_path):
     assert proc.returncode == 2
     assert "no complete checkpoint" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no model built, nothing written
+
+
+@pytest.mark.parametrize("extra, field", [(["learner.lora.rank=8"], "learner.lora.rank"),
+                                          (["learner.zero_stage=3"], "ZeRO-3")])
+def test_sync_delta_is_refused_where_it_cannot_work(extra, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, ["sync.delta=true", *extra])

@@ -18,3 +18,58 @@ def test_buckets_pack_and_unpack_round_trip():
         assert flat.dtype == torch.uint8 and flat.numel() == sum(metas[i].nbytes for i in bucket)
         for (name, got), i in zip(unpack(flat, [metas[i] for i in bucket]), bucket):
             assert name == metas[i].name and torch.equal(got, tensors[i])
+
+
+def test_delta_encoding_brings_the_receiver_bit_equal_in_the_fewest_bytes():
+    import pytest
+
+    from rollout import delta
+
+    torch.manual_seed(0)
+    metas = [TensorMeta("same", "float32", (8, 8)), TensorMeta("few", "bfloat16", (64, 4)),
+             TensorMeta("third", "bfloat16", (300,)), TensorMeta("most", "float32", (50,)),
+             TensorMeta("zero", "float32", (6,))]
+    old = [torch.randn(8, 8), torch.randn(64, 4).bfloat16(), torch.randn(300).bfloat16(), torch.randn(50), torch.zeros(6)]
+    new = [t.clone() for t in old]
+    new[1].view(-1)[[3, 100, 255]] += 1.0  # 3 of 256 bf16 elements: indices
+    new[2][::3] += 1.0  # 100 of 300: a bit mask (38 B) + values beats indices (600 B) and dense (600 B)
+    new[3] *= 1.5  # all 50 fp32: the whole tensor
+    new[4][2] = -0.0  # equal as a float, not as bits: must travel (1 bit-mask byte + 4)
+    sender = [t.clone().view(-1) for t in old]
+    receiver = [t.clone() for t in old]
+
+    counts, sent = [], []
+    for m, n, last in zip(metas, new, sender):
+        count, parts = delta.encode(m, n, last)
+        counts.append(count)
+        sent += parts
+    assert counts == [0, 3, 100, 50, 1]
+    assert [delta.encoding(m, c) for m, c in zip(metas, counts)] == ["same", "sparse", "mask", "dense", "mask"]
+    wire = delta.wire(metas, counts)
+    assert [m.name for m in wire] == ["few#index", "few#value", "third#mask", "third#value", "most",
+                                      "zero#mask", "zero#value"]
+    assert [tuple(t.shape) for t in sent] == [m.shape for m in wire]
+    assert [str(t.dtype).removeprefix("torch.") for t in sent] == [m.dtype for m in wire]
+    assert sum(m.nbytes for m in wire) == 3 * (4 + 2) + (38 + 100 * 2) + 50 * 4 + (1 + 4)
+    for s, n in zip(sender, new):  # the sender's copy is now the new weights
+        assert torch.equal(s.view(torch.uint8), n.reshape(-1).view(torch.uint8))
+
+    # through the wire format: packed, unpacked, applied
+    flat = pack(sent)
+    parts = iter(t for _, t in unpack(flat, wire))
+    for meta, count, target in zip(metas, counts, receiver):
+        delta.apply(target, meta, count, [next(parts) for _ in range(delta.PARTS[delta.encoding(meta, count)])])
+    for r, n in zip(receiver, new):
+        assert torch.equal(r.view(-1).view(torch.uint8), n.reshape(-1).view(torch.uint8))
+    assert str(receiver[4][2].item()) == "-0.0"
+
+    bits = torch.rand(21) < 0.5  # the mask's bit order round-trips at any length
+    assert torch.equal(delta.unpack_bits(delta.pack_bits(bits), 21), bits)
+    with pytest.raises(ValueError, match="few"):  # an index outside the tensor names it
+        delta.apply(torch.zeros(64, 4).bfloat16(), metas[1], 3, [torch.tensor([1, 2, 256], dtype=torch.int32),
+                                                                 torch.zeros(3).bfloat16()])
+    with pytest.raises(ValueError, match="third"):  # a mask that disagrees with its values
+        delta.apply(torch.zeros(300).bfloat16(), metas[2], 100, [delta.pack_bits(torch.ones(300, dtype=torch.bool)),
+                                                                 torch.zeros(100).bfloat16()])
+    with pytest.raises(ValueError, match="few reports 300 changed elements of 256"):
+        delta.wire(metas, [0, 300, 0, 0, 0])
