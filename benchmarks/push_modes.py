@@ -1,5 +1,6 @@
 """What one push carries and costs in each way of pushing (`grpo bench weight-sync
---modes ...`): full weights (fp32 and bf16), a LoRA policy's merged layers, and
+--modes ...`): full weights (fp32 and bf16), a LoRA policy's merged layers or its
+adapter alone (served by vLLM's LoRA support), and
 delta pushes (sync.delta) in fp32 and bf16. Each timed push follows one real learner
 step (a synthetic batch, the config's learning rate), so a delta carries what a step
 really changes; the limit is the full push's raw broadcast plus the engine's own load,
@@ -17,6 +18,7 @@ MODES: dict[str, list[str]] = {
     "full-bf16": ["learner.dtype=bfloat16"],
     "lora-merged": ["learner.lora.rank=16", "learner.lora.alpha=32"],
     "lora-merged-qv": ["learner.lora.rank=16", "learner.lora.alpha=32", "learner.lora.target_modules=[q_proj,v_proj]"],
+    "lora-adapter": ["learner.lora.rank=16", "learner.lora.alpha=32", "learner.lora.push=adapter"],
     "delta": ["sync.delta=true"],
     "delta-bf16": ["sync.delta=true", "learner.dtype=bfloat16"],
 }
@@ -36,6 +38,21 @@ def batch(vocab: int, seed: int, groups: int = 8, n: int = 8) -> list[Any]:
             samples.append(Sample(ids, [-2.0 - rng.random() for _ in ids], "", "stop", [(0, 0)]))
         out.append(Group(prompt, "", {}, samples, rewards=[float(rng.random() < 0.5) for _ in range(n)], key=g))
     return out
+
+
+def generation_seconds(gen: Any, vocab: int, prompts: int = 32, n: int = 8, tokens: int = 32) -> float:
+    """Seconds the generator takes for one fixed batch after the pushes (the faster of two)."""
+    import ray
+
+    rng = random.Random(0)
+    rows = [{"prompt": [rng.randrange(3, vocab) for _ in range(12)]} for _ in range(prompts)]
+    seeds = [[i * n + j for j in range(n)] for i in range(prompts)]
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        ray.get(gen.generate.remote(rows, seeds, {"max_tokens": tokens}), timeout=900)
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def mode_rows(size: str, path: str, params: int, modes: list[str], reps: int, overrides: list[str]) -> list[dict[str, Any]]:
@@ -66,6 +83,7 @@ def mode_rows(size: str, path: str, params: int, modes: list[str], reps: int, ov
                 sent = learners.push(rep + 2)
                 runs.append({"seconds": time.perf_counter() - t0, **sent,
                              **ray.get(gen.take_timings.remote())})
+            generate_s = generation_seconds(gen, vocab)
         finally:
             ray.kill(gen)
             learners.kill()
@@ -73,7 +91,9 @@ def mode_rows(size: str, path: str, params: int, modes: list[str], reps: int, ov
         nbytes = median([r["sync/bytes"] for r in runs])
         row = {"model": size, "parameters": params, "mode": mode, "overrides": MODES[mode], "reps": reps,
                "lr": cfg.learner.lr, "first_push_bytes": first["sync/bytes"], "bytes": nbytes, "push_s": seconds,
-               "generator_load_s": median([r.get("sync/load", 0.0) for r in runs]), "runs": runs}
+               "generator_load_s": median([r.get("sync/load", 0.0) for r in runs]),
+               "generate_s": generate_s,  # what serving this way costs the sampler (LoRA: punica kernels, no compile)
+               "runs": runs}
         if "sync/changed_frac" in runs[0]:
             row["changed_frac"] = median([r["sync/changed_frac"] for r in runs])
         rows.append(row)
@@ -129,7 +149,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     return [[r["model"], r["mode"], r["bytes"] / 2**20, r.get("bytes_vs_full", float("nan")),
              r.get("changed_frac", float("nan")), r["push_s"] * 1e3, r["generator_load_s"] * 1e3,
-             r["ratio_to_full_raw_plus_load"]] for r in rows]
+             r["ratio_to_full_raw_plus_load"], r["generate_s"]] for r in rows]
 
 
-HEADERS = ["model", "mode", "MiB/push", "bytes/full", "changed", "push ms", "load ms", "push/(full raw+load)"]
+HEADERS = ["model", "mode", "MiB/push", "bytes/full", "changed", "push ms", "load ms", "push/(full raw+load)",
+           "generate s (32x8x32)"]

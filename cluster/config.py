@@ -249,6 +249,10 @@ class Config(Section):
             raise ValueError("data: set data.task or data.path")
         if self.cluster.placement == "colocated":
             _check_colocated(self)
+        lora = self.learner.lora
+        if lora.push == "adapter" and not 0 < lora.rank <= 512:
+            raise ValueError(f"learner.lora.push=adapter serves the adapter in vLLM, which needs 0 < learner.lora.rank "
+                             f"<= 512 (got {lora.rank})")
         if self.sync.delta and self.learner.lora.rank:
             raise ValueError("sync.delta is for full fine-tuning: with learner.lora.rank > 0 a push already carries "
                              "only the adapted layers; set sync.delta=false")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from learner.lora import is_peft, push_entries
+from learner.lora import adapter_config, adapter_entries, is_peft, push_entries
 from rollout import delta
 from rollout.config import WeightSyncConfig
 from rollout.buckets import TensorMeta, pack, plan_buckets
@@ -41,9 +41,11 @@ def gathered(params: list[torch.nn.Parameter]):
 class WeightBroadcaster:
     """client is None on the ranks that only join ZeRO-3's gathers (not the sender)."""
 
-    def __init__(self, module: torch.nn.Module, cfg: WeightSyncConfig, client: WeightSyncClient | None) -> None:
+    def __init__(self, module: torch.nn.Module, cfg: WeightSyncConfig, client: WeightSyncClient | None,
+                 adapter: bool = False) -> None:
         self.module = module
         self.cfg = cfg
+        self.adapter = adapter  # learner.lora.push=adapter: the adapter tensors alone travel
         self.client = client
         self.group = None
         self.bucket_bytes = int(cfg.bucket_mb * 2**20)
@@ -80,7 +82,7 @@ class WeightBroadcaster:
         if sender and self.group is None:
             raise RuntimeError("WeightBroadcaster.connect() must run before send()")
         t0 = time.perf_counter()
-        entries = push_entries(self.module)
+        entries = adapter_entries(self.module) if self.adapter else push_entries(self.module)
         metas = [e.meta for e in entries]
         metrics: dict[str, float] = {}
         try:
@@ -100,7 +102,8 @@ class WeightBroadcaster:
             else:
                 kept: list[torch.Tensor] | None = [] if sender and self.cfg.delta else None
                 info = update_info(metas, self.bucket_bytes, partial=is_peft(self.module), seq=self._seq + 1,
-                                   keep=self.cfg.delta) if sender else None
+                                   keep=self.cfg.delta, adapter=adapter_config(self.module) if self.adapter else None
+                                   ) if sender else None
 
                 def value(i: int) -> torch.Tensor:
                     v = entries[i].value()

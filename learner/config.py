@@ -58,6 +58,12 @@ class LoRAConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     """Linear layers that get adapters (PROJECTIONS)."""
+    push: Literal["merged", "adapter"] = "merged"
+    """What a weight push carries: `merged`, the merged weights W + (alpha/r) B A of every
+    vLLM layer holding an adapter (the generators serve a plain model); `adapter`, the
+    adapter tensors alone, which each generator writes to a local peft directory and
+    serves through vLLM's LoRA support (`enable_lora`, a LoRARequest per version; an
+    update then waits for the requests in flight, whose adapter is fixed). README: LoRA."""
 
     @field_validator("target_modules")
     @classmethod

@@ -450,7 +450,8 @@ class Learner:
             self.broadcaster = WeightBroadcaster(self.engine.module, sync, None)
             return
         client = GeneratorsClient(generators, engine_world_sizes, sync.timeout_s)
-        self.broadcaster = WeightBroadcaster(self.engine.module, sync, client)
+        self.broadcaster = WeightBroadcaster(self.engine.module, sync, client,
+                                             adapter=bool(self.cfg.lora.rank) and self.cfg.lora.push == "adapter")
         self.broadcaster.connect(client.world_size)
 
     def broadcast_weights(self, version: int) -> dict[str, float]:

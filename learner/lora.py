@@ -125,3 +125,24 @@ def merged_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         merge = _merge_of(adapted, hf)
         out[hf] = v if merge is None else merge[1]([v, *(p.detach() for p in merge[0])])
     return out
+
+
+def adapter_entries(module: torch.nn.Module) -> list[PushEntry]:
+    """An adapter push: every lora_A / lora_B tensor, under the names of peft's saved
+    adapter (`...q_proj.lora_A.weight`: the adapter's own name dropped), in layer order."""
+    [adapter] = module.active_adapters
+    return [PushEntry(_meta(name.replace(f".{adapter}.", "."), p), [p])
+            for name, p in module.named_parameters() if ".lora_" in name]
+
+
+def adapter_config(module: torch.nn.Module) -> dict:
+    """peft's adapter_config.json of the active adapter, as plain JSON values."""
+    [adapter] = module.active_adapters
+    out = {}
+    for key, value in module.peft_config[adapter].to_dict().items():
+        if isinstance(value, set):
+            value = sorted(value)
+        elif hasattr(value, "value"):  # an enum (peft_type, task_type)
+            value = value.value
+        out[key] = value
+    return out

@@ -24,9 +24,21 @@ ENGINE_ENV = {
 }
 
 
-def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0) -> dict[str, Any]:
-    """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too)."""
-    return dict(
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts."""
+
+
+def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank: int = 0) -> dict[str, Any]:
+    """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too).
+    lora_rank > 0: the engine serves a LoRA adapter of that rank (learner.lora.push=adapter;
+    vLLM's CPU build then turns compilation off)."""
+    lora = {}
+    if lora_rank:
+        rank = next((r for r in LORA_RANKS if r >= lora_rank), None)
+        if rank is None:
+            raise ValueError(f"learner.lora.rank={lora_rank}: vLLM serves adapters of rank <= {LORA_RANKS[-1]}")
+        lora = dict(enable_lora=True, max_lora_rank=rank, max_loras=1, max_cpu_loras=2)
+    return dict(**lora,
         model=model_path,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
@@ -68,14 +80,14 @@ def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None
                           detokenize=False, stop_token_ids=list(stop_ids or []))
 
 
-def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0) -> Any:
+def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank: int = 0) -> Any:
     """A vLLM engine in this process, with ENGINE_ENV applied first."""
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
     from vllm import LLM
 
-    return LLM(**engine_kwargs(model_path, cfg, index))
+    return LLM(**engine_kwargs(model_path, cfg, index, lora_rank))
 
 
 def cpu_platform() -> bool:

@@ -80,6 +80,8 @@ class EngineLoop:
         self._requests: dict[str, tuple[_Job, int]] = {}
         self._finished: list[Group] = []
         self._updating = False  # GPU: between start_ and finish_weight_update, no engine steps
+        self.adapter = None  # the LoRARequest every new request samples with (learner.lora.push=adapter)
+        self._adapters = 0
         self._hold = False  # no new requests until the update lands (not partial)
         self._closed = False
         self._error: BaseException | None = None
@@ -153,7 +155,7 @@ class EngineLoop:
                 params.prompt_logprobs = 0
             rid = f"g{self.index}-{next(self._ids)}"
             self._requests[rid] = (job, k)
-            self.llm.llm_engine.add_request(rid, prompt, params)
+            self.llm.llm_engine.add_request(rid, prompt, params, lora_request=self.adapter)
 
     def _step(self) -> None:
         self.time("generate/steps", 1.0)  # counts, not seconds: how full each engine step is
@@ -290,6 +292,16 @@ class EngineLoop:
     def in_flight(self) -> bool:
         """On the loop thread: whether requests are being sampled."""
         return bool(self._requests)
+
+    def use_adapter(self, path: str | None, version: int) -> None:
+        """On the loop thread: requests added from now on sample with the LoRA adapter at
+        `path` (a peft directory; vLLM loads it at the first request naming it)."""
+        if path is None:
+            raise GeneratorError(f"generator {self.index}: the update to version {version} brought no adapter")
+        from vllm.lora.request import LoRARequest
+
+        self._adapters += 1  # ids > 0, new per push: vLLM caches adapters by id
+        self.adapter = LoRARequest(f"push-{self._adapters}", self._adapters, path)
 
     def landed(self, version: int) -> None:
         """On the loop thread: the engine serves `version`; sampling goes on."""

@@ -30,17 +30,22 @@ __all__ = ["ENGINE_ENV", "Generator", "GeneratorError"]  # ENGINE_ENV and the er
 
 
 class Generator:
-    def __init__(self, model_path: str, cfg: RolloutConfig, index: int = 0, version: int = 0) -> None:
+    def __init__(self, model_path: str, cfg: RolloutConfig, index: int = 0, version: int = 0,
+                 lora_rank: int = 0) -> None:
+        """lora_rank > 0 (learner.lora.push=adapter): the engine serves the adapter each push
+        brings on top of the base model; an update then waits for the requests in flight
+        (a request's adapter is fixed when it starts)."""
         redirect_output_from_env()
         self.cores = pin_from_env()
         self.cfg = cfg
         self.index = index
         t0 = time.perf_counter()
-        self.llm = start_engine(model_path, cfg, index)
+        self.llm = start_engine(model_path, cfg, index, lora_rank)
+        self.serves_adapter = bool(lora_rank)
         self.llm.update_weight_version(str(version))
         self.init_seconds = time.perf_counter() - t0
         self.loop = EngineLoop(self.llm, cfg, index, version)
-        self.receiver = receiver_for_platform(self.loop, cfg.partial)
+        self.receiver = receiver_for_platform(self.loop, cfg.partial and not lora_rank)
         self.sync_peer: str | None = None  # the learner's rendezvous address:port, once connected
 
     # ------------------------------------------------------------ sampling
@@ -119,6 +124,8 @@ class Generator:
         def finish() -> None:
             paused_at = self.receiver.load()
             self.llm.finish_weight_update(weight_version=str(weight_version))
+            if self.serves_adapter:  # requests from now on sample with the adapter just written
+                self.loop.use_adapter(self.llm.collective_rpc("received_adapter_path")[0], weight_version)
             # KV computed with the old weights must not be reused: cached prefixes are
             # dropped, and running requests re-prefilled under the new weights.
             self.llm.reset_prefix_cache(reset_running_requests=self.loop.in_flight())

@@ -60,12 +60,15 @@ def broadcast_async(pg: "ProcessGroup", tensor: torch.Tensor) -> Any:
 
 
 def update_info(metas: list[TensorMeta], bucket_bytes: int, partial: bool = False, seq: int = 0,
-                keep: bool = False, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+                keep: bool = False, delta: dict[str, Any] | None = None,
+                adapter: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a push carries (every tensor's name, dtype and full shape, in order).
     partial: the push carries only some layers (a LoRA policy's adapted ones, whole);
     the others keep their weights. seq: the push's number in this group; keep: the
     receivers keep what they received (sync.delta: the base of the next delta);
-    delta: {"base": the seq it applies to, "counts": changed elements per tensor}."""
+    delta: {"base": the seq it applies to, "counts": changed elements per tensor};
+    adapter: a LoRA adapter push (its peft adapter_config): the tensors are the adapter's,
+    written to a local peft directory that the engine serves, not loaded into the model."""
     return {
         "names": [m.name for m in metas],
         "dtype_names": [m.dtype for m in metas],
@@ -75,6 +78,7 @@ def update_info(metas: list[TensorMeta], bucket_bytes: int, partial: bool = Fals
         "seq": seq,
         "keep": keep,
         "delta": delta,
+        "adapter": adapter,
     }
 
 
@@ -123,6 +127,7 @@ class CollectiveUpdateInfo(WeightTransferUpdateInfo):
     seq: int = 0
     keep: bool = False
     delta: dict[str, Any] | None = None
+    adapter: dict[str, Any] | None = None
 
     def metas(self) -> list[TensorMeta]:
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -148,6 +153,9 @@ class CollectiveWeightTransferEngine(
         self.partial = False
         self.mirror: dict[str, torch.Tensor] | None = None  # sync.delta: the weights of push `mirror_seq`
         self.mirror_seq = -1
+        self.reloading = False  # vLLM's layerwise reload begun (at the first tensor loaded into the model)
+        self.adapter: dict[str, Any] | None = None  # the received push is an adapter (its peft config)
+        self.adapter_path: str | None = None  # the last adapter written
 
     def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
         self.shutdown()  # re-initialising (e.g. a new set of generators) leaves the old group
@@ -164,9 +172,16 @@ class CollectiveWeightTransferEngine(
         )
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        """The model's layerwise reload begins at the first tensor loaded into it
+        (`_begin_reload`): an adapter push loads none."""
+        self.reloading = False
 
-        initialize_layerwise_reload(self.model)
+    def _begin_reload(self) -> None:
+        if not self.reloading:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(self.model)
+            self.reloading = True
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which fails on
@@ -209,6 +224,7 @@ class CollectiveWeightTransferEngine(
         ~15% slower on 2 cores)."""
         t0 = time.perf_counter()
         metas = info.metas()
+        self.adapter = info.adapter
         if info.delta is None:
             self.received = self._receive(metas, info, "arena")
             self.mirror = {name: t for bucket in self.received for name, t in bucket} if info.keep else None
@@ -243,17 +259,47 @@ class CollectiveWeightTransferEngine(
         if self.received is None:
             raise RuntimeError("no received weights to load")
         t0 = time.perf_counter()
-        for tensors in self.received:
-            if tensors:
-                self.model.load_weights(iter(tensors))
+        if self.adapter is not None:
+            self.adapter_path = self._write_adapter([t for bucket in self.received for t in bucket])
+        else:
+            for tensors in self.received:
+                if tensors:
+                    self._begin_reload()
+                    self.model.load_weights(iter(tensors))
         self.received = None
         self.timings["sync/load"] = time.perf_counter() - t0
+
+    def _write_adapter(self, tensors: list[tuple[str, torch.Tensor]]) -> str:
+        """The adapter as a peft directory (adapter_config.json, adapter_model.safetensors),
+        written beside the last two and renamed into place: vLLM never reads half a file.
+        The directory is local to this node and this process (a LoRARequest needs a path)."""
+        import json
+        import os
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        root = os.path.join(tempfile.gettempdir(), f"grpo-adapters-{os.getpid()}")
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.adapter_seq = getattr(self, "adapter_seq", 0) + 1
+        final = os.path.join(root, f"push-{self.adapter_seq}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({name: t.contiguous().cpu() for name, t in tensors}, os.path.join(tmp, "adapter_model.safetensors"))
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(self.adapter, f)
+        os.rename(tmp, final)
+        shutil.rmtree(os.path.join(root, f"push-{self.adapter_seq - 2}"), ignore_errors=True)  # keep the last two
+        return final
 
     def receive_weights(self, info: CollectiveUpdateInfo) -> None:
         """Receive and load (vLLM's update_weights path). On GPUs the caching allocator
         already reuses memory and a spare model copy costs too much: each bucket gets
         its own buffer, and the next bucket arrives while this one loads."""
-        if self.device.type == "cpu" or info.keep:  # sync.delta: the kept copy costs the model's size
+        # sync.delta: the kept copy costs the model's size; an adapter is written, not loaded
+        if self.device.type == "cpu" or info.keep or info.adapter is not None:
             self.receive_into_arena(info)
             self.load_received()
             return
@@ -272,6 +318,7 @@ class CollectiveWeightTransferEngine(
             if k + 1 < len(buckets):  # arrives while this bucket loads
                 nxt = torch.empty(sizes[k + 1], dtype=torch.uint8, device=self.device)
                 pending = nxt, broadcast_async(self.group, nxt)
+            self._begin_reload()
             self.model.load_weights(unpack(flat, bucket_metas))
             waited += t1 - t0
             loaded += time.perf_counter() - t1
@@ -291,12 +338,15 @@ class CollectiveWeightTransferEngine(
         # "Failed to load weights": expected there, so not logged
         layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         quiet = _DropMessage("Failed to load weights")
+        if not self.reloading:  # nothing was loaded into the model (an adapter push, an empty delta)
+            return
         if self.partial:
             layerwise.addFilter(quiet)
         try:
             finalize_layerwise_reload(self.model, self.model_config)
         finally:
             layerwise.removeFilter(quiet)
+            self.reloading = False
         _refresh_tied_lm_head(self.model)
 
     def shutdown(self) -> None:
@@ -351,6 +401,11 @@ class WorkerExtension:
 
     def load_received_weights(self) -> None:
         self.weight_transfer_engine.load_received()
+
+    def received_adapter_path(self) -> str | None:
+        """The peft directory of the last adapter push (None: no adapter received)."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        return getattr(engine, "adapter_path", None)
 
     def kept_weights_digest(self) -> dict[str, str]:
         """sync.delta: a SHA-256 of each tensor of the kept copy (the weights of the last

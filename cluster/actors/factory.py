@@ -109,8 +109,9 @@ class ActorFactory:
         elif self.colocated:
             options.update(resources=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pairs(), placement_group_bundle_index=index))
+        lora = self.learner.lora
         return ray.remote(Generator).options(**options).remote(model_path or self.model_path, self.rollout, index,
-                                                               version)
+                                                               version, lora.rank if lora.push == "adapter" else 0)
 
     def generators(self, version: int = 0, model_path: str | None = None) -> list[Any]:
         return [self.generator(i, version, model_path) for i in range(self.rollout.num_generators)]

@@ -155,3 +155,44 @@ def test_zero3_lora_on_two_ranks_trains_pushes_and_resumes_exactly(tiny_model, g
         learners.kill()
         if resumed is not None:
             resumed.kill()
+
+
+def test_adapter_push_sends_only_the_adapter_and_the_engine_serves_it(tiny_model, generator):
+    """learner.lora.push=adapter: the generator's engine serves the adapter (vLLM's LoRA
+    support, CPU punica) from a peft directory written per push; a replacement starts
+    from the base and gets the current adapter with its first push."""
+    cfg = placed([*COMMON, "learner.lr=0.05", "learner.lora.push=adapter"])
+    factory = ActorFactory.for_job(cfg, str(tiny_model))
+    ray.kill(generator)  # two engines on 2 cores only fight: this test's own takes its place
+    [gen] = factory.generators()
+    learners = factory.learner_group()
+    try:
+        ray.get([gen.ready.remote(), *[r.ready.remote() for r in learners.ranks]])
+        learners.connect([gen])
+        base = base_state(tiny_model)
+        np.testing.assert_allclose(ray.get(gen.prompt_logprobs.remote(SEQ)), hf_logprobs(tiny_model, base, SEQ), atol=1e-4)
+        for version in (1, 2):
+            for _ in range(2):
+                learners.train(synthetic_groups(seed=version))
+            sync = learners.push(version)
+            merged = ray.get(learners.ranks[0].state_dict_numpy.remote())
+            raw = ray.get(learners.ranks[0].state_dict_numpy.remote(raw=True))
+            adapter_bytes = sum(v.size * 4 for k, v in raw.items() if ".lora_" in k)
+            assert sync["sync/bytes"] == adapter_bytes < 0.05 * sum(v.size * 4 for v in base.values())
+            served = np.array(ray.get(gen.prompt_logprobs.remote(SEQ)))
+            assert np.abs(served - hf_logprobs(tiny_model, merged, SEQ)).max() < 1e-4
+            assert np.abs(served - hf_logprobs(tiny_model, base, SEQ)).max() > 1e-2
+            assert ray.get(gen.ready.remote())["version"] == version
+        # sampling goes through the adapter too, and records the version that made it
+        [group] = ray.get(gen.generate.remote([{"prompt": SEQ[:4]}], [[1, 2]]))
+        assert {s.version for s in group.samples} == {2}
+
+        ray.kill(gen, no_restart=True)  # a replacement: the base model, then the current adapter
+        gen = factory.generator(0, 2, str(tiny_model))
+        ray.get(gen.ready.remote())
+        learners.connect([gen])
+        learners.push(2)
+        np.testing.assert_allclose(ray.get(gen.prompt_logprobs.remote(SEQ)), served, atol=1e-6)
+    finally:
+        ray.kill(gen)
+        learners.kill()

@@ -186,7 +186,9 @@ def test_resume_without_checkpoint_fails_before_starting_anything(tmp_path):
 
 
 @pytest.mark.parametrize("extra, field", [(["learner.lora.rank=8"], "learner.lora.rank"),
-                                          (["learner.zero_stage=3"], "ZeRO-3")])
+                                          (["learner.zero_stage=3"], "ZeRO-3"),
+                                          (["sync.delta=false", "learner.lora.push=adapter"], "learner.lora.push=adapter"),
+                                          (["sync.delta=false", "learner.lora.push=merged2"], "learner.lora.push")])
 def test_sync_delta_is_refused_where_it_cannot_work(extra, field):
     with pytest.raises(ConfigError, match=field):
         load_config(None, ["sync.delta=true", *extra])
