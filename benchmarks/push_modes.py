@@ -83,6 +83,7 @@ def mode_rows(size: str, path: str, params: int, modes: list[str], reps: int, ov
                 sent = learners.push(rep + 2)
                 runs.append({"seconds": time.perf_counter() - t0, **sent,
                              **ray.get(gen.take_timings.remote())})
+            held = ray.get(learners.ranks[0].trainable.remote())
             generate_s = generation_seconds(gen, vocab)
         finally:
             ray.kill(gen)
@@ -92,7 +93,10 @@ def mode_rows(size: str, path: str, params: int, modes: list[str], reps: int, ov
         row = {"model": size, "parameters": params, "mode": mode, "overrides": MODES[mode], "reps": reps,
                "lr": cfg.learner.lr, "first_push_bytes": first["sync/bytes"], "bytes": nbytes, "push_s": seconds,
                "generator_load_s": median([r.get("sync/load", 0.0) for r in runs]),
-               "generate_s": generate_s,  # what serving this way costs the sampler (LoRA: punica kernels, no compile)
+               "generate_s": generate_s,
+               # the learner rank: gradients + optimizer state counted from the tensors, and its peak RSS
+               "grad_plus_optimizer_bytes": held["gradient_bytes"] + held["optimizer_state_bytes"],
+               "trainable_elements": held["trainable_elements"], "learner_peak_rss_bytes": held["peak_rss_bytes"],  # what serving this way costs the sampler (LoRA: punica kernels, no compile)
                "runs": runs}
         if "sync/changed_frac" in runs[0]:
             row["changed_frac"] = median([r["sync/changed_frac"] for r in runs])
@@ -104,6 +108,7 @@ def mode_rows(size: str, path: str, params: int, modes: list[str], reps: int, ov
         if full is not None:
             r["bytes_vs_full"] = r["bytes"] / full["bytes"]
             r["seconds_vs_full"] = r["push_s"] / full["push_s"]
+            r["grad_plus_optimizer_vs_full"] = r["grad_plus_optimizer_bytes"] / full["grad_plus_optimizer_bytes"]
     return rows
 
 
@@ -149,8 +154,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     return [[r["model"], r["mode"], r["bytes"] / 2**20, r.get("bytes_vs_full", float("nan")),
              r.get("changed_frac", float("nan")), r["push_s"] * 1e3, r["generator_load_s"] * 1e3,
-             r["ratio_to_full_raw_plus_load"], r["generate_s"]] for r in rows]
+             r["ratio_to_full_raw_plus_load"], r["generate_s"], r["grad_plus_optimizer_bytes"] / 2**20,
+             r["learner_peak_rss_bytes"] / 2**30] for r in rows]
 
 
 HEADERS = ["model", "mode", "MiB/push", "bytes/full", "changed", "push ms", "load ms", "push/(full raw+load)",
-           "generate s (32x8x32)"]
+           "generate s (32x8x32)", "grad+optim MiB", "learner peak RSS GiB"]

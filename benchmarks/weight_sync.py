@@ -123,6 +123,7 @@ class EngineLoad:
             for _ in range(reps + 1):
                 t0 = time.perf_counter()
                 engine.start_weight_update()
+                engine.begin_reload()
                 for bucket, flat in zip(buckets, flats):
                     engine.model.load_weights(unpack(flat, [metas[i] for i in bucket]))
                 engine.finish_weight_update()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -410,7 +411,8 @@ class Learner:
                 "optimizer_state_bytes": sum(size(t) for t in state),
                 "gradient_bytes": sum(size(p) for p in grads),
                 "trainable_elements": sum(getattr(p, "ds_numel", p.numel()) for p in grads),
-                "total_elements": sum(getattr(p, "ds_numel", p.numel()) for _, p in params)}
+                "total_elements": sum(getattr(p, "ds_numel", p.numel()) for _, p in params),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
 
     def _full_gradients(self) -> dict[str, Any]:
         """The accumulated, reduced gradient of every parameter (gathered under ZeRO;

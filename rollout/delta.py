@@ -70,12 +70,20 @@ _WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
 
 def pack_bits(changed: torch.Tensor) -> torch.Tensor:
     """bool (n,) -> uint8 (ceil(n / 8),), element i in bit i % 8 of byte i // 8."""
+    if changed.device.type == "cpu":  # numpy's packbits: ~10x faster than the torch ops below
+        import numpy as np
+
+        return torch.from_numpy(np.packbits(changed.numpy(), bitorder="little"))
     pad = -changed.numel() % 8
     bits = torch.nn.functional.pad(changed.to(torch.int32), (0, pad)).view(-1, 8)
     return (bits * _WEIGHTS.to(bits.device)).sum(1).to(torch.uint8)
 
 
 def unpack_bits(mask: torch.Tensor, n: int) -> torch.Tensor:
+    if mask.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.unpackbits(mask.numpy(), count=n, bitorder="little").view(np.bool_))
     bits = (mask.to(torch.int32).unsqueeze(1) >> torch.arange(8, device=mask.device)) & 1
     return bits.view(-1)[:n].bool()
 
@@ -96,10 +104,11 @@ def encode(meta: TensorMeta, new: torch.Tensor, last: torch.Tensor) -> tuple[int
     if kind == "dense":
         last.copy_(new)
         return count, [new]
-    index = torch.nonzero(changed).view(-1)
-    values = new[index]
-    last[index] = values
-    return count, [index.to(INDEX) if kind == "sparse" else pack_bits(changed), values]
+    values = new.masked_select(changed)
+    last.copy_(new)
+    if kind == "sparse":
+        return count, [torch.nonzero(changed).view(-1).to(INDEX), values]
+    return count, [pack_bits(changed), values]
 
 
 def apply(target: torch.Tensor, meta: TensorMeta, count: int, parts: list[torch.Tensor]) -> None:
@@ -119,6 +128,6 @@ def apply(target: torch.Tensor, meta: TensorMeta, count: int, parts: list[torch.
         if int(changed.sum()) != values.numel():
             raise ValueError(f"delta push: the mask of {meta.name} marks {int(changed.sum())} elements, "
                              f"{values.numel()} values came")
-        flat[changed] = values
+        flat.masked_scatter_(changed, values)
     elif kind == "dense":
         flat.copy_(parts[0].view(-1))

@@ -173,10 +173,10 @@ class CollectiveWeightTransferEngine(
 
     def start_weight_update(self) -> None:
         """The model's layerwise reload begins at the first tensor loaded into it
-        (`_begin_reload`): an adapter push loads none."""
+        (`begin_reload`): an adapter push loads none."""
         self.reloading = False
 
-    def _begin_reload(self) -> None:
+    def begin_reload(self) -> None:
         if not self.reloading:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
@@ -264,7 +264,7 @@ class CollectiveWeightTransferEngine(
         else:
             for tensors in self.received:
                 if tensors:
-                    self._begin_reload()
+                    self.begin_reload()
                     self.model.load_weights(iter(tensors))
         self.received = None
         self.timings["sync/load"] = time.perf_counter() - t0
@@ -318,7 +318,7 @@ class CollectiveWeightTransferEngine(
             if k + 1 < len(buckets):  # arrives while this bucket loads
                 nxt = torch.empty(sizes[k + 1], dtype=torch.uint8, device=self.device)
                 pending = nxt, broadcast_async(self.group, nxt)
-            self._begin_reload()
+            self.begin_reload()
             self.model.load_weights(unpack(flat, bucket_metas))
             waited += t1 - t0
             loaded += time.perf_counter() - t1

@@ -24,7 +24,8 @@ def _report(tmp_path, name):
 
 
 def test_weight_sync_bench_reports_against_its_limits(tmp_path):
-    proc = _bench(tmp_path, "weight-sync", "--sizes", "1M", "--generators", "1", "--reps", "1", "sync.bucket_mb=1")
+    proc = _bench(tmp_path, "weight-sync", "--sizes", "1M", "--generators", "1", "--reps", "1", "--modes", "full",
+                  "delta", "lora-adapter", "sync.bucket_mb=1", timeout=600)
     data = _report(tmp_path, "weight_sync")
     (r,) = data["results"]
     # The learner sent exactly the model's parameter bytes (fp32, tied head once), in 1 MiB buckets.
@@ -36,6 +37,15 @@ def test_weight_sync_bench_reports_against_its_limits(tmp_path):
     assert all(run["sync/receive"] + run["sync/finish"] < run["seconds"] for run in r["runs"])
     assert data["config"]["sync"]["bucket_mb"] == 1
     assert "sync/raw" in proc.stdout and "1M" in proc.stdout
+
+    # the ways of pushing, each after a real learner step: what travels is what each mode says
+    modes = {m["mode"]: m for m in _report(tmp_path, "push_modes")["results"]}
+    assert modes["full"]["bytes"] == r["bytes"] and modes["full"]["bytes_vs_full"] == 1
+    assert modes["delta"]["first_push_bytes"] == r["bytes"]  # a group's first push is full
+    assert 0.99 <= modes["delta"]["changed_frac"] <= 1 and modes["delta"]["bytes"] <= r["bytes"]  # fp32: all change
+    assert modes["lora-adapter"]["bytes_vs_full"] < 0.1  # rank 16 adapters of a 1M model
+    assert modes["lora-adapter"]["grad_plus_optimizer_bytes"] < 0.2 * modes["full"]["grad_plus_optimizer_bytes"]
+    assert all(m["generate_s"] > 0 and m["ratio_to_full_raw_plus_load"] > 0 for m in modes.values())
 
 
 def test_generation_bench_samples_the_same_tokens_as_raw_vllm(tmp_path):
