@@ -7,7 +7,8 @@ same resources, and against one memcpy of the same bytes.
     grpo bench weight-sync --sizes 25M --generators 1 --modes full full-bf16 lora-merged delta delta-bf16
 
 --modes adds bytes and seconds per push after a real learner step, for each way of
-pushing (benchmarks/push_modes.py), to push_modes.json.
+pushing (benchmarks/push_modes.py), to push_modes.json. It takes every word after it:
+put config overrides before it.
 
 Overrides reach the real config, e.g. `sync.bucket_mb=16` or `learner.zero_stage=3
 learner.num_ranks=2 run.prompts_per_step=2` (ZeRO-3 streaming).

@@ -24,8 +24,8 @@ def _report(tmp_path, name):
 
 
 def test_weight_sync_bench_reports_against_its_limits(tmp_path):
-    proc = _bench(tmp_path, "weight-sync", "--sizes", "1M", "--generators", "1", "--reps", "1", "--modes", "full",
-                  "delta", "lora-adapter", "sync.bucket_mb=1", timeout=600)
+    proc = _bench(tmp_path, "weight-sync", "--sizes", "1M", "--generators", "1", "--reps", "1", "sync.bucket_mb=1",
+                  "--modes", "full", "delta", "lora-adapter", timeout=600)
     data = _report(tmp_path, "weight_sync")
     (r,) = data["results"]
     # The learner sent exactly the model's parameter bytes (fp32, tied head once), in 1 MiB buckets.
@@ -43,8 +43,9 @@ def test_weight_sync_bench_reports_against_its_limits(tmp_path):
     assert modes["full"]["bytes"] == r["bytes"] and modes["full"]["bytes_vs_full"] == 1
     assert modes["delta"]["first_push_bytes"] == r["bytes"]  # a group's first push is full
     assert 0.99 <= modes["delta"]["changed_frac"] <= 1 and modes["delta"]["bytes"] <= r["bytes"]  # fp32: all change
-    assert modes["lora-adapter"]["bytes_vs_full"] < 0.1  # rank 16 adapters of a 1M model
-    assert modes["lora-adapter"]["grad_plus_optimizer_bytes"] < 0.2 * modes["full"]["grad_plus_optimizer_bytes"]
+    adapter = modes["lora-adapter"]  # exactly the adapters (rank 16 of a 128-wide model: 0.18x of it)
+    assert adapter["bytes"] == 4 * adapter["trainable_elements"] and adapter["bytes_vs_full"] < 0.25
+    assert adapter["grad_plus_optimizer_bytes"] < 0.25 * modes["full"]["grad_plus_optimizer_bytes"]
     assert all(m["generate_s"] > 0 and m["ratio_to_full_raw_plus_load"] > 0 for m in modes.values())
 
 
