@@ -48,7 +48,7 @@ def flatten(groups: list[Group], advantages: "torch.Tensor") -> list[Sequence]:
 def counts(seqs: list[Sequence], mask_truncated: bool) -> tuple[float, float]:
     """(tokens that carry loss, sequences that carry any) of these sequences."""
     live = [s for s in seqs if not (mask_truncated and s.sample.finish_reason == "length")]
-    return float(sum(len(s.sample.completion_ids) for s in live)), float(sum(1 for s in live if s.sample.completion_ids))
+    return float(sum(s.sample.model_tokens() for s in live)), float(sum(1 for s in live if s.sample.model_tokens()))
 
 
 def on_policy(sample: Sample, version: int | None) -> bool:
@@ -74,6 +74,10 @@ def build_micro(seqs: list[Sequence], pad_id: int, mask_truncated: bool = False,
         attention[i, : P + C] = 1
         loss_mask[i, P - 1 : P + C - 1] = 0.0 if (mask_truncated and s.sample.finish_reason == "length") else 1.0
         behaviour[i, P - 1 : P + C - 1] = torch.tensor(s.sample.logprobs)
+        if s.sample.loss_mask is not None:  # tokens the model did not sample: no loss, no behaviour logprob
+            model = torch.tensor(s.sample.loss_mask, dtype=torch.bool)
+            loss_mask[i, P - 1 : P + C - 1] *= model
+            behaviour[i, P - 1 : P + C - 1] = torch.where(model, behaviour[i, P - 1 : P + C - 1], 0.0)  # nan * 0 is nan
     advantages = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
     fresh = torch.tensor([float(on_policy(s.sample, version)) for s in seqs])
     return Micro(input_ids, attention, loss_mask, advantages, behaviour, fresh)

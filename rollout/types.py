@@ -25,6 +25,13 @@ class Sample:
     rollouts). The oldest version counts for staleness."""
     seed: int = 0
     """The sampling seed this completion was drawn with."""
+    loss_mask: list[int] | None = None
+    """Per completion token: 1 for a token the model sampled (trained on; its logprob is
+    the behaviour policy's), 0 for one it did not (an environment's observation in a
+    multi-turn episode: no loss, its logprobs entry is ignored). None: all sampled."""
+
+    def model_tokens(self) -> int:
+        return len(self.completion_ids) if self.loss_mask is None else sum(self.loss_mask)
 
     @property
     def version(self) -> int:
@@ -76,7 +83,16 @@ def check_sampled(group: Group, source: str, logprobs: bool = True) -> None:
         if len(s.logprobs) != (len(s.completion_ids) if logprobs else 0):
             raise BoundaryError(f"{where}: {len(s.logprobs)} logprobs for {len(s.completion_ids)} tokens"
                                 + ("" if logprobs else " (none asked for)"))
-        bad = next((lp for lp in s.logprobs if not (math.isfinite(lp) and lp <= 1e-6)), None)
+        sampled = s.logprobs
+        if s.loss_mask is not None:
+            if len(s.loss_mask) != len(s.completion_ids) or any(m not in (0, 1) for m in s.loss_mask):
+                raise BoundaryError(f"{where}: its loss mask must be one 0 or 1 per token "
+                                    f"({len(s.loss_mask)} for {len(s.completion_ids)} tokens)")
+            if not any(s.loss_mask):
+                raise BoundaryError(f"{where}: no token the model sampled (its loss mask is all 0)")
+            if logprobs:  # observations carry no behaviour logprob: only the model's tokens are checked
+                sampled = [lp for lp, m in zip(s.logprobs, s.loss_mask) if m]
+        bad = next((lp for lp in sampled if not (math.isfinite(lp) and lp <= 1e-6)), None)
         if bad is not None:
             raise BoundaryError(f"{where}: logprob {bad} is not a finite log-probability")
         if s.finish_reason not in ("stop", "length"):

@@ -10,6 +10,7 @@ RUN/rollouts/step-NNNNNN.msgpack, one file per step, is one msgpack map:
                  "samples": [{"text": str, "token_ids": [int], "logprobs": [float]
                               (behaviour policy, per token), "finish_reason": str,
                               "versions": [[version, first token index], ...], "seed": int,
+                              "loss_mask": [0 | 1] (only where some token was not sampled),
                               "reward": float, "advantage": float,
                               "scores": {verifier: float}, "info": {verifier: map}}]}]}
 
@@ -38,6 +39,7 @@ def group_record(g: Group, advantages: list[float], trained: bool, dropped: str 
         "samples": [{
             "text": s.text, "token_ids": list(s.completion_ids), "logprobs": list(s.logprobs),
             "finish_reason": s.finish_reason, "versions": [list(v) for v in s.versions], "seed": s.seed,
+            **({} if s.loss_mask is None else {"loss_mask": list(s.loss_mask)}),
             "reward": g.rewards[i], "advantage": advantages[i],
             "scores": {v: g.reward_parts[v][i] for v in verifiers},
             "info": {v: (g.reward_info or {}).get(v, [{}] * len(g.samples))[i] for v in verifiers},
@@ -149,7 +151,7 @@ def _groups(record: dict[str, Any], trained_only: bool) -> list[Group]:
         if trained_only and not g["trained"]:
             continue
         samples = [Sample(s["token_ids"], s["logprobs"], s["text"], s["finish_reason"],
-                          [tuple(v) for v in s["versions"]], s["seed"]) for s in g["samples"]]
+                          [tuple(v) for v in s["versions"]], s["seed"], s.get("loss_mask")) for s in g["samples"]]
         out.append(Group(g["prompt_ids"], g["prompt"], g["row"], samples, rewards=[s["reward"] for s in g["samples"]],
                          reward_parts={v: [s["scores"][v] for s in g["samples"]] for v in g["samples"][0]["scores"]},
                          reward_stats={"timeouts": 0, "errors": 0, "cache_hits": 0}, key=g["key"]))

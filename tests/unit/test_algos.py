@@ -188,6 +188,39 @@ def test_build_micro_can_mask_truncated_samples():
     assert b.loss_mask.tolist() == [[1, 1], [0, 0]]
 
 
+def test_tokens_the_model_did_not_sample_carry_no_loss_and_no_behaviour_logprob():
+    """A sample's loss_mask (an episode's observation tokens are 0) reaches the learner's
+    mask and its token count; whatever logprob an observation carries is ignored."""
+    from learner.batch import counts
+    from rollout.types import BoundaryError, check_sampled
+
+    episode = Sample([8, 9, 10, 11, 12], [-0.1, float("nan"), 7.0, -0.4, -0.5], "", "stop", [(0, 0)],
+                     loss_mask=[1, 0, 0, 1, 1])
+    plain = Sample([8, 9], [-0.1, -0.2], "", "stop", [(0, 0)])
+    g = Group([5], "p", {}, [episode, plain], key=3)
+    check_sampled(g, "generator 0")  # observation logprobs (nan, 7.0) are not the model's: not checked
+    seqs = flatten([g], torch.tensor([[1.0, -1.0]]))
+    b = build_micro(seqs, pad_id=0)
+    assert b.loss_mask.tolist() == [[1, 0, 0, 1, 1], [1, 1, 0, 0, 0]]
+    assert torch.allclose(b.behaviour, torch.tensor([[-0.1, 0, 0, -0.4, -0.5], [-0.1, -0.2, 0, 0, 0]]))
+    assert counts(seqs, False) == (5.0, 2.0)  # 3 model tokens + 2
+    # the loss's gradient never reaches a masked position, whatever the policy's logprob there
+    torch.manual_seed(0)  # near the behaviour policy (no clipping) at model tokens, anything elsewhere
+    logp = torch.where(b.loss_mask.bool(), b.behaviour - 0.01 * torch.rand(2, 5), torch.randn(2, 5)).requires_grad_()
+    loss, _ = algos.POLICY_LOSSES["ppo_clip"](algos.LossInputs(logp, b.behaviour, b.advantages, b.loss_mask, 0.2, 0.2))
+    algos.REDUCTIONS["token_mean"](loss, b.loss_mask, algos.Normaliser(5.0, 2.0, 48.0)).backward()
+    assert (logp.grad[b.loss_mask == 0] == 0).all() and (logp.grad[b.loss_mask == 1] != 0).all()
+
+    for mask, error in [([1, 0], "one 0 or 1 per token"), ([1, 2, 0, 1, 1], "one 0 or 1 per token"),
+                        ([0, 0, 0, 0, 0], "no token the model sampled")]:
+        bad = Group([5], "p", {}, [Sample([8, 9, 10, 11, 12], [-0.1] * 5, "", "stop", [(0, 0)], loss_mask=mask)], key=4)
+        with pytest.raises(BoundaryError, match=error):
+            check_sampled(bad, "generator 0")
+    bad = Group([5], "p", {}, [Sample([8, 9], [float("nan"), -0.1], "", "stop", [(0, 0)], loss_mask=[1, 0])], key=5)
+    with pytest.raises(BoundaryError, match="not a finite"):  # a model token's logprob is still checked
+        check_sampled(bad, "generator 0")
+
+
 def test_build_micro_masks_exactly_the_completion_targets_and_pads_to_its_own_longest():
     g = Group([5, 6, 7], "p", {}, [Sample([8, 9], [-0.1, -0.2], "", "stop", [(3, 0)]), Sample([8], [-0.3], "", "length", [(3, 0)])])
     seqs = flatten([g], torch.tensor([[1.0, -1.0]]))

@@ -153,3 +153,19 @@ def test_datasets_name_the_file_and_line(tmp_path):
     bad.write_bytes(b'{"prompt": "a", "answer": 1}\n{"prompt": "\xff", "answer": 2}\n')
     with pytest.raises(DatasetError, match=r"bad.jsonl:2: not UTF-8"):
         load_jsonl(bad)
+
+
+def test_a_record_keeps_which_tokens_the_model_sampled(tmp_path):
+    """An episode's loss mask survives the record and comes back to the learner (replay)."""
+    from cluster.artifacts.record import batch_records, to_groups
+    from rollout.types import Group, Sample
+
+    episode = Sample([8, 9, 10], [-0.1, 0.0, -0.3], "x", "stop", [(0, 0)], 7, loss_mask=[1, 0, 1])
+    plain = Sample([8], [-0.2], "y", "stop", [(0, 0)], 8)
+    g = Group([5], "p", {"answer": "1"}, [episode, plain], rewards=[1.0, 0.0], reward_parts={"math": [1.0, 0.0]},
+              key=0)
+    run = tmp_path / "run"
+    Recorder(run, 16).write(1, 1, batch_records([g], [g], {}, "grpo", 1e-6))
+    [back] = to_groups(read_step(run / "rollouts" / "step-000001.msgpack"))
+    assert back.samples[0].loss_mask == [1, 0, 1] and back.samples[1].loss_mask is None
+    assert [s.completion_ids for s in back.samples] == [[8, 9, 10], [8]]
