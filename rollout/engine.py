@@ -66,18 +66,25 @@ def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank
 def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None = None,
                   stop_ids: list[int] | None = None) -> Any:
     """One sample's SamplingParams: the training settings, or `sampling` overrides
-    (temperature, top_p, max_tokens; logprobs=False to skip them) for evaluation.
+    (temperature, top_p, max_tokens; logprobs=False to skip them) for evaluation;
+    `stop`: strings that end the completion (kept in it).
     stop_ids: the tokens that end a completion (rollout/tokens.py), kept in its ids."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    s = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, logprobs=True)
+    s = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, logprobs=True, stop=None)
     s.update(sampling or {})
+    stop = list(s["stop"] or [])
+    if any(not isinstance(x, str) or not x for x in stop):
+        raise ValueError(f"sampling stop: each stop string must be a non-empty string, got {stop!r}")
     # detokenize=False: no incremental detokenisation at every engine step (on the default
-    # batch, 1 core: 1.22 -> 0.97 s raw); the generator decodes each finished sample once
+    # batch, 1 core: 1.22 -> 0.97 s raw); the generator decodes each finished sample once.
+    # Stop strings (one turn of an episode, e.g. "</python>") need vLLM to detokenise as it
+    # samples; they are kept in the output, and the sample's text is still decoded from its ids.
     return SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"],
                           logprobs=0 if s["logprobs"] else None, seed=seed, output_kind=RequestOutputKind.FINAL_ONLY,
-                          detokenize=False, stop_token_ids=list(stop_ids or []))
+                          detokenize=bool(stop), stop=stop or None, include_stop_str_in_output=bool(stop),
+                          stop_token_ids=list(stop_ids or []))
 
 
 def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank: int = 0) -> Any:

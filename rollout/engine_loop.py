@@ -221,6 +221,7 @@ class EngineLoop:
 
     def submit(self, jobs: list[tuple[int, dict[str, Any], list[int]]], sampling: dict[str, Any] | None) -> int:
         """Queue (key, row, seeds) jobs for `collect`; -> samples now queued or in flight."""
+        sample_params(self.cfg, 0, sampling, self.stop_ids)  # bad sampling settings fail here, not in the loop
         with self._cv:
             self._check()
             if not self._load():  # idle until now: the stall clock starts with this work
@@ -239,6 +240,7 @@ class EngineLoop:
     def generate(self, rows: list[dict[str, Any]], seeds: list[list[int]], sampling: dict[str, Any] | None,
                  timeout_s: float | None) -> list[Group]:
         sink: list[Group] = []
+        sample_params(self.cfg, 0, sampling, self.stop_ids)  # bad sampling settings fail here, not in the loop
         with self._cv:
             self._check()
             self._pending += [_Job(i, row, list(s), sampling, sink) for i, (row, s) in enumerate(zip(rows, seeds))]

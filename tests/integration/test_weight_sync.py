@@ -54,6 +54,29 @@ def test_the_same_seed_draws_the_same_sample_on_any_generator(stack):
     assert len({s.seed for s in a.samples + c.samples}) == 8
 
 
+def test_a_turn_from_token_ids_ends_at_a_stop_string_kept_in_its_ids(stack):
+    """One turn of an episode: sampled from exact token ids, ended by a stop string that
+    stays in the output; the same seed draws the same tokens as without the stop, up to it."""
+    cfg, gens, learners = stack
+    ids = [40, 41, 42, 43, 44, 45]
+    stops = list("0123456789aeo ,")  # common characters: a random model's turn ends soon
+    [free] = ray.get(gens[0].generate.remote([{"prompt": ids}], [[1, 2, 3, 4]], {"max_tokens": 40}))
+    [turn] = ray.get(gens[0].generate.remote([{"prompt": ids}], [[1, 2, 3, 4]], {"max_tokens": 40, "stop": stops}))
+    assert turn.prompt_ids == ids
+    stopped = 0
+    for a, b in zip(free.samples, turn.samples):
+        assert a.completion_ids[: len(b.completion_ids)] == b.completion_ids  # same draws, cut at the stop
+        assert b.logprobs == a.logprobs[: len(b.logprobs)] and len(b.logprobs) == len(b.completion_ids)
+        ends = [x for x in stops if b.text.endswith(x)]
+        if b.finish_reason == "stop" and ends:
+            stopped += 1
+            earliest = min(a.text.find(x) + len(x) for x in stops if x in a.text)
+            assert len(b.text) == earliest  # the first stop string ends the turn, and is kept
+    assert stopped >= 3, [s.text for s in turn.samples]
+    with pytest.raises(Exception, match="non-empty string"):
+        ray.get(gens[0].generate.remote([{"prompt": ids}], [[1]], {"stop": [""]}))
+
+
 def test_update_reaches_every_engine_and_matches_transformers(stack, tiny_model):
     cfg, gens, learners = stack
     before_state = ray.get(learners.ranks[0].state_dict_numpy.remote())
