@@ -73,3 +73,36 @@ def prompt_ids(tok: Any, text: str, template: str) -> list[int]:
     if not ids:
         raise ValueError("a prompt renders to no tokens")
     return list(ids)
+
+
+def observation_ids(tok: Any, text: str, template: str, role: str = "tool") -> list[int]:
+    """An environment's observation as the token ids appended after a model turn, in a
+    multi-turn episode (the conversation so far is never re-tokenised: these ids are
+    tokenised on their own and appended to the exact ids sampled).
+
+    - `none` / `r1_zero`: the text itself, without special tokens.
+    - `chat`: the template's `role` turn (a template that refuses that role: a user turn),
+      with what closes the assistant turn before it and the generation prompt after it:
+      the difference between the template rendered with and without it, after an
+      assistant message (`<|im_end|>\\n<|im_start|>tool\\n...<|im_end|>\\n<|im_start|>assistant\\n`
+      in ChatML). The model's turn ended at a stop string, inside its message, so the
+      template's end of that message is part of what the environment appends."""
+    if template != "chat":
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        before = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+        rendered = None
+        for r in dict.fromkeys([role, "user"]):
+            try:
+                rendered = tok.apply_chat_template([*before, {"role": r, "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)
+                break
+            except Exception:  # a template that raises on an unknown role (jinja's raise_exception)
+                continue
+        if rendered is None or _MARK not in rendered:
+            raise ValueError(f"the chat template cannot render a {role!r} or user turn after an assistant turn")
+        suffix = rendered[rendered.rfind(_MARK) + len(_MARK):]
+        ids = list(tok(suffix, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"an observation renders to no tokens ({text!r})")
+    return ids

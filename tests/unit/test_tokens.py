@@ -115,3 +115,22 @@ def test_a_bad_row_of_a_known_shape_names_its_line(tmp_path):
     f.write_text(json.dumps({"problem": "", "solution": "\\boxed{1}"}) + "\n")
     with pytest.raises(DatasetError, match=r"d.jsonl:1: missing or empty required field 'problem' \(data.format=math\)"):
         load_jsonl(f, "math")
+
+
+def test_an_observation_is_tokenised_on_its_own_and_appended(tok):
+    """Token in, token out (multi-turn episodes): the observation's ids are appended to the
+    turn's exact ids. Re-tokenising the joined text would merge '>' '<' across the boundary."""
+    from rollout.tokens import observation_ids
+
+    turn = tok("<python>print(1 + 2)</python>", add_special_tokens=False)["input_ids"]
+    obs = "<output>3</output>"
+    plain = observation_ids(tok, obs, "none")
+    assert tok.decode(plain) == obs and observation_ids(tok, obs, "r1_zero") == plain
+    joined = tok("<python>print(1 + 2)</python>" + obs, add_special_tokens=False)["input_ids"]
+    assert turn + plain != joined and tok.decode(turn + plain) == tok.decode(joined)  # same text, other tokens
+
+    chat = observation_ids(tok, obs, "chat")  # the template closes the assistant turn, adds the tool turn
+    assert tok.decode(chat) == "<|im_end|>\n<|im_start|>tool\n<output>3</output><|im_end|>\n<|im_start|>assistant\n"
+    assert chat[0] == tok.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(ValueError, match="no tokens"):
+        observation_ids(tok, "", "none")
