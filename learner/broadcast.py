@@ -93,8 +93,7 @@ class WeightBroadcaster:
                     counts.append(count)
                     tensors += parts
                 wire = delta.wire(metas, counts)
-                total = sum(m.nbytes // getattr(torch, m.dtype).itemsize for m in metas)
-                metrics = {"sync/changed_frac": sum(counts) / max(total, 1),
+                metrics = {"sync/changed_frac": sum(counts) / max(sum(m.numel for m in metas), 1),
                            "sync/full_bytes": float(sum(m.nbytes for m in metas))}
                 info = update_info(metas, self.bucket_bytes, partial=True, seq=self._seq + 1, keep=True,
                                    delta={"base": self._seq, "counts": counts})

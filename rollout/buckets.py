@@ -34,8 +34,12 @@ class TensorMeta:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
+        return self.numel * getattr(torch, self.dtype).itemsize
 
 
 def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:

@@ -2,7 +2,7 @@
 
 A delta push carries, for each tensor, only the elements whose *bits* changed since
 the previous push to the same group, so the receiver's copy becomes bit-equal to the
-sender's. Each tensor travels in the cheapest of three encodings, chosen from its count
+sender's. Each tensor travels in the cheapest of these encodings, chosen from its count
 of changed elements (sent in the update info, so both sides derive the same wire
 layout):
 
@@ -28,16 +28,18 @@ INDEX = torch.int32
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _mask_bytes(meta: TensorMeta) -> int:
+    return -(-meta.numel // 8)
+
+
 def _sizes(meta: TensorMeta, changed: int) -> dict[str, int]:
     item = getattr(torch, meta.dtype).itemsize
-    numel = meta.nbytes // item
-    return {"sparse": changed * (INDEX.itemsize + item), "mask": -(-numel // 8) + changed * item, "dense": meta.nbytes}
+    return {"sparse": changed * (INDEX.itemsize + item), "mask": _mask_bytes(meta) + changed * item, "dense": meta.nbytes}
 
 
 def encoding(meta: TensorMeta, changed: int) -> str:
-    numel = meta.nbytes // getattr(torch, meta.dtype).itemsize
-    if not 0 <= changed <= numel:
-        raise ValueError(f"delta push: {meta.name} reports {changed} changed elements of {numel}")
+    if not 0 <= changed <= meta.numel:
+        raise ValueError(f"delta push: {meta.name} reports {changed} changed elements of {meta.numel}")
     if changed == 0:
         return "same"
     sizes = _sizes(meta, changed)
@@ -55,11 +57,11 @@ def wire(metas: list[TensorMeta], counts: list[int]) -> list[TensorMeta]:
     out = []
     for meta, count in zip(metas, counts):
         kind = encoding(meta, count)
-        numel = meta.nbytes // getattr(torch, meta.dtype).itemsize
         if kind == "sparse":
             out += [TensorMeta(f"{meta.name}#index", "int32", (count,)), TensorMeta(f"{meta.name}#value", meta.dtype, (count,))]
         elif kind == "mask":
-            out += [TensorMeta(f"{meta.name}#mask", "uint8", (-(-numel // 8),)), TensorMeta(f"{meta.name}#value", meta.dtype, (count,))]
+            out += [TensorMeta(f"{meta.name}#mask", "uint8", (_mask_bytes(meta),)),
+                    TensorMeta(f"{meta.name}#value", meta.dtype, (count,))]
         elif kind == "dense":
             out.append(meta)
     return out

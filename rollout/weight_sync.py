@@ -156,6 +156,7 @@ class CollectiveWeightTransferEngine(
         self.reloading = False  # vLLM's layerwise reload begun (at the first tensor loaded into the model)
         self.adapter: dict[str, Any] | None = None  # the received push is an adapter (its peft config)
         self.adapter_path: str | None = None  # the last adapter written
+        self.adapters_written = 0
 
     def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
         self.shutdown()  # re-initialising (e.g. a new set of generators) leaves the old group
@@ -282,8 +283,8 @@ class CollectiveWeightTransferEngine(
 
         root = os.path.join(tempfile.gettempdir(), f"grpo-adapters-{os.getpid()}")
         os.makedirs(root, mode=0o700, exist_ok=True)
-        self.adapter_seq = getattr(self, "adapter_seq", 0) + 1
-        final = os.path.join(root, f"push-{self.adapter_seq}")
+        self.adapters_written += 1
+        final = os.path.join(root, f"push-{self.adapters_written}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -291,7 +292,7 @@ class CollectiveWeightTransferEngine(
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(self.adapter, f)
         os.rename(tmp, final)
-        shutil.rmtree(os.path.join(root, f"push-{self.adapter_seq - 2}"), ignore_errors=True)  # keep the last two
+        shutil.rmtree(os.path.join(root, f"push-{self.adapters_written - 2}"), ignore_errors=True)  # keep the last two
         return final
 
     def receive_weights(self, info: CollectiveUpdateInfo) -> None:
