@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from learner.config import LearnerConfig, ModelConfig
-from rewards.config import RewardConfig
+from rewards.config import EnvConfig, RewardConfig
 from rollout.config import RolloutConfig, Section, WeightSyncConfig
 
 
@@ -240,6 +240,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     sft: SFTConfig = SFTConfig()
     distill: DistillConfig = DistillConfig()
+    env: EnvConfig = EnvConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -256,6 +257,9 @@ class Config(Section):
         if self.sync.delta and self.learner.lora.rank:
             raise ValueError("sync.delta is for full fine-tuning: with learner.lora.rank > 0 a push already carries "
                              "only the adapted layers; set sync.delta=false")
+        if self.env.name is not None and self.env.max_episode_tokens < self.rollout.max_tokens:
+            raise ValueError(f"env.max_episode_tokens ({self.env.max_episode_tokens}) is below rollout.max_tokens "
+                             f"({self.rollout.max_tokens}), which bounds one turn: raise it, or lower rollout.max_tokens")
         if self.sync.delta and self.learner.zero_stage == 3:
             raise ValueError("sync.delta needs the whole previous push on the sender, which ZeRO-3 never holds "
                              "(it gathers one bucket at a time): use learner.zero_stage <= 2, or sync.delta=false")

@@ -70,7 +70,10 @@ def answer(verifiers: dict, request: dict) -> dict:
         check_request(request)
     except ProtocolError as e:
         return _error(request, f"protocol: {e}")
-    return HANDLERS[request.get("kind", SCORE)](verifiers, request)
+    handler = HANDLERS.get(request.get("kind", SCORE))
+    if handler is None:  # an environment's kind (rewards/env_host.py serves those)
+        return _error(request, f"a verifier process serves no {request['kind']!r} requests")
+    return handler(verifiers, request)
 
 
 def serve(specs: dict[str, dict], stdin, stdout) -> None:

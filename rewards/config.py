@@ -137,3 +137,61 @@ class RewardConfig(Section):
     def spec(self, name: str) -> VerifierSpec:
         value = self.verifiers[name]
         return value if isinstance(value, VerifierSpec) else VerifierSpec(weight=value)
+
+
+class EnvConfig(Section):
+    """Multi-turn episodes (README, Environments and tools): the model writes a turn, an
+    environment answers with an observation that is appended, the model goes on. `name`
+    unset: single-turn sampling, as without this section."""
+
+    name: str | None = None
+    """A registered environment (rewards/envs.py ENVS: `python`), a `package.module:attr`
+    import path, or the label of the `external` program or server."""
+    max_turns: int = Field(4, ge=1)
+    """Model turns per episode; the last one's observation, if any, is not appended."""
+    max_episode_tokens: int = Field(256, ge=2)
+    """Tokens after the prompt (model turns and observations): each turn samples at most
+    what is left (and rollout.max_tokens); an observation that does not fit ends the episode."""
+    stop: list[str] | None = None
+    """Strings that end a model turn (kept in it), e.g. `</python>`; None: the
+    environment's own (`stop` of its class; none for an external one)."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Wall-clock limit of one environment call (reset + step); past it the environment
+    process is killed and the episode ends where it is (counted in env/timeouts)."""
+    args: dict[str, Any] = {}
+    """Keyword arguments of the environment class, one instance per episode."""
+    external: ExternalVerifier | None = None
+    """An environment outside Python's reach: a program (stdio) or server (TCP) speaking
+    the verifiers' msgpack frames with the reset/step/close kinds (rewards/protocol.py)."""
+    max_attempts: int = Field(3, ge=1)
+    """Runs of one episode when its environment is lost mid-episode (a crashed process, a
+    lost reward worker): it is re-run from its first turn with new seeds (counted in
+    env/reruns); past this it ends where it is (env/abandoned)."""
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not s for s in value):
+            raise ValueError("env.stop: every stop string must be non-empty")
+        return value
+
+    @model_validator(mode="after")
+    def _known(self) -> "EnvConfig":
+        from rewards.envs import ENVS
+
+        if self.name is None:
+            if self.external is not None:
+                raise ValueError("env.external needs env.name (the label sent in its requests)")
+            return self
+        if self.external is None and self.name not in ENVS and ":" not in self.name:
+            raise ValueError(f"env.name: unknown environment {self.name!r}; registered: {sorted(ENVS)}, an import "
+                             "path package.module:attr, or set env.external")
+        return self
+
+    def turn_stop(self) -> list[str]:
+        """The stop strings of a model turn (the class's own when env.stop is unset)."""
+        if self.stop is not None or self.external is not None:
+            return list(self.stop or [])
+        from rewards.envs import resolve_env
+
+        return list(getattr(resolve_env(self.name), "stop", None) or [])

@@ -13,6 +13,21 @@ call's budget) and a "kind" (absent: "score"); each kind has its own fields:
                      -> info {"classes": [[int | nil]]}: the verifier's answer_classes
                         (rewards/api.py) of each list of answers; score 0
 
+Environments (multi-turn episodes, rewards/envs.py) speak the same frames; "verifier"
+names the environment, "episode" (int) the episode, one environment instance each:
+
+    reset            {"episode": int, "row": map}
+                     -> score 0: a new episode on the dataset row
+    step             {"episode": int, "turn": str}
+                     -> score: the environment's own reward of this turn;
+                        info {"observation": str | nil, "done": bool, "info": map}
+                        (observation nil or done: the episode is over)
+    close            {"episode": int}
+                     -> score 0: the episode is over, its state can go
+
+    An environment that does not know the episode (it restarted) answers with an error
+    and info {"lost": true}: the episode is re-run from its first turn.
+
 Responses: {"id": int, "score": float, "info": map, "error": str | nil}. Every verifier
 serves "score"; "answer_classes" is served by our own verifier process (rewards/child.py),
 and a program that does not serve a kind answers it with an error.
@@ -30,6 +45,7 @@ HEADER = struct.Struct(">I")
 """The length prefix of a frame."""
 SCORE = "score"
 ANSWER_CLASSES = "answer_classes"
+RESET, STEP, CLOSE = "reset", "step", "close"
 
 
 class ProtocolError(Exception):
@@ -120,7 +136,18 @@ def _check_answer_classes(obj: dict[str, Any]) -> None:
         raise ProtocolError("request needs 'answers', a list of lists")
 
 
-REQUEST_KINDS = {SCORE: _check_score, ANSWER_CLASSES: _check_answer_classes}
+def _check_episode(obj: dict[str, Any]) -> None:
+    if not isinstance(obj.get("episode"), int) or isinstance(obj.get("episode"), bool):
+        raise ProtocolError("request needs an integer 'episode'")
+    kind = obj["kind"]
+    if kind == RESET and not isinstance(obj.get("row"), dict):
+        raise ProtocolError("a reset request needs the dataset 'row', a map")
+    if kind == STEP and not isinstance(obj.get("turn"), str):
+        raise ProtocolError("a step request needs a string 'turn'")
+
+
+REQUEST_KINDS = {SCORE: _check_score, ANSWER_CLASSES: _check_answer_classes, RESET: _check_episode,
+                 STEP: _check_episode, CLOSE: _check_episode}
 """Request kind -> the check of its own fields."""
 
 

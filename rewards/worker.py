@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rewards.api import VerifierError
-from rewards.config import ExternalVerifier, RewardConfig
+from rewards.config import EnvConfig, ExternalVerifier, RewardConfig
 from rewards.peer import Peer, ProcessPeer, SocketPeer
 from rewards.protocol import ANSWER_CLASSES
 from rewards.spawn import minimal_env
@@ -72,9 +72,12 @@ def preflight_external(cfg: RewardConfig) -> None:
 
 
 class RewardWorker:
-    def __init__(self, cfg: RewardConfig, index: int = 0) -> None:
+    def __init__(self, cfg: RewardConfig, index: int = 0, env: EnvConfig | None = None) -> None:
+        """env: multi-turn episodes (env.name set): this worker also runs environment
+        steps (rewards/env_host.py), in processes of their own."""
         redirect_output_from_env()
         self.cfg, self.index = cfg, index
+        self.envs = None
         specs = {name: cfg.spec(name) for name in cfg.verifiers}
         self.weights = {name: spec.weight for name, spec in specs.items()}
         self.timeouts = {name: spec.timeout_s or cfg.timeout_s for name, spec in specs.items()}
@@ -91,6 +94,16 @@ class RewardWorker:
         self._pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix=f"reward-{index}")
         self.cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        if env is not None and env.name is not None:
+            from rewards.env_host import EnvHost
+
+            self.envs = EnvHost(env, cfg, index)
+
+    def env_steps(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Turns of episodes for their environments (rewards/env_host.py EnvHost.step)."""
+        if self.envs is None:
+            raise RuntimeError(f"reward worker {self.index} runs no environment (env.name is unset)")
+        return self.envs.step(requests)
 
     def _peers(self, slot: int) -> dict[str, tuple[Peer, str]]:
         """One set of verifier peers: verifier name -> (peer, the name it answers to)."""
@@ -171,6 +184,8 @@ class RewardWorker:
     def close(self) -> None:
         for p in self._unique_peers():
             p.close()
+        if self.envs is not None:
+            self.envs.close()
 
     def ready(self) -> dict[str, Any]:
         return {"index": self.index, "node_id": node_id(), "pid": os.getpid()}

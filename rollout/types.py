@@ -58,6 +58,10 @@ class Group:
     """The prompt's position in the run's prompt stream (its identity in the pipeline)."""
     reward_info: dict[str, list[dict]] | None = None
     """Per-verifier info dicts per sample (what the verifier reported)."""
+    episode: dict[str, list] | None = None
+    """Multi-turn episodes (cluster/flow/episodes.py): per sample, its turns, tool calls,
+    tool errors, observation tokens, re-runs, outcome, environment reward and seconds,
+    and its segments ([text, 1 for the model / 0 for an observation]). None: single-turn."""
 
 
 class BoundaryError(ValueError):

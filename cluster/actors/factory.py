@@ -21,7 +21,7 @@ from cluster.actors.placement import PlacementError, alive_nodes, core_sets, log
 from cluster.config import ClusterConfig, Config
 from learner.config import LearnerConfig
 from learner.learner import Learner
-from rewards.config import RewardConfig
+from rewards.config import EnvConfig, RewardConfig
 from rewards.worker import RewardWorker
 from rollout.config import RolloutConfig, WeightSyncConfig
 from rollout.generator import ENGINE_ENV, Generator
@@ -53,8 +53,8 @@ def address_and_port(local: bool) -> tuple[str, int]:
 class ActorFactory:
     def __init__(self, model_path: str, rollout: RolloutConfig, rewards: RewardConfig, learner: LearnerConfig,
                  sync: WeightSyncConfig, cluster: ClusterConfig, *, total_steps: int, sequences_per_step: int,
-                 step_timeout_s: float) -> None:
-        self.model_path = model_path
+                 step_timeout_s: float, env: EnvConfig | None = None) -> None:
+        self.model_path, self.env = model_path, env
         self.rollout, self.rewards, self.learner, self.sync, self.cluster = rollout, rewards, learner, sync, cluster
         self.total_steps, self.sequences_per_step, self.step_timeout_s = total_steps, sequences_per_step, step_timeout_s
         self._tp_groups: dict[int, Any] = {}  # generator index -> its placement group (tensor parallel)
@@ -66,7 +66,7 @@ class ActorFactory:
         """The factory of a resolved job config (placement.place): its sections, unpacked."""
         return cls(model_path, cfg.rollout, cfg.rewards, cfg.learner, cfg.sync, cfg.cluster,
                    total_steps=cfg.run.steps, sequences_per_step=cfg.run.prompts_per_step * cfg.rollout.n,
-                   step_timeout_s=cfg.faults.step_timeout_s)
+                   step_timeout_s=cfg.faults.step_timeout_s, env=cfg.env)
 
     def pairs(self) -> Any:
         """Colocated: one placement group of one bundle per pair (PACK), made once; learner
@@ -120,7 +120,7 @@ class ActorFactory:
     def reward_worker(self, index: int) -> Any:
         return ray.remote(RewardWorker).options(
             num_cpus=self.cluster.reward_cpus, resources=dict(self.cluster.reward_resources) or None,
-            runtime_env={"env_vars": log_env(f"reward-worker-{index}")}).remote(self.rewards, index)
+            runtime_env={"env_vars": log_env(f"reward-worker-{index}")}).remote(self.rewards, index, self.env)
 
     def reward_workers(self) -> list[Any]:
         return [self.reward_worker(i) for i in range(self.rewards.num_workers)]

@@ -71,7 +71,7 @@ def distill(cfg: Config, teacher: str, student: str, prompts: list[dict], held_o
     wait_ready({**{f"generator {i}": g for i, g in enumerate(students)},
                 **{f"learner rank {i}": r for i, r in enumerate(learners.ranks)}}, cfg.cluster.start_timeout_s)
     sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, factory, students, learners, 0, log)
-    pipeline = side_pipeline(cfg, students, rewarders, sup, cfg.eval.k, log)
+    pipeline = side_pipeline(cfg, students, rewarders, sup, cfg.eval.k, log, student)
     k_eval = cfg.eval.k
     try:
         before, _ = evaluate(pipeline, held_out, k_eval, sampling, cfg.rewards.verifiers, cfg.run.seed,

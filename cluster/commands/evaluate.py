@@ -20,7 +20,8 @@ from cluster.actors.supervisor import Supervisor
 from cluster.artifacts.eval_report import summarize_eval, write
 from cluster.artifacts.files import resolve_model
 from cluster.config import Config
-from cluster.data import PromptStream, apply_template, eval_rows
+from cluster.data import PromptStream, apply_template, eval_rows, load_tokenizer
+from cluster.flow.episodes import episode_settings, observer
 from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
 from cluster.flow.reward_pool import reward_deadline_s
 from rewards.api import correctness_verifier
@@ -78,12 +79,19 @@ class Sampler:
 
 
 def side_pipeline(cfg: Config, generators: list[Any], rewarders: list[Any], supervisor: Supervisor, n: int,
-                  log: Callable[[str], None]) -> RolloutPipeline:
-    """A pipeline with no training stream, for `sample` only."""
+                  log: Callable[[str], None], model_path: str | None = None) -> RolloutPipeline:
+    """A pipeline with no training stream, for `sample` only (episodes, with env.name:
+    their observations tokenised with model_path's tokenizer)."""
     settings = PipelineSettings(prompts_per_step=0, n=n, max_staleness=0, dynamic_sampling=False,
                                 max_sampling_rounds=1, seed=cfg.run.seed, total_steps=0,
-                                reward_deadline_s=reward_deadline_s(cfg.rewards, n, cfg.faults.health_timeout_s))
-    return RolloutPipeline(generators, rewarders, PromptStream([], cfg.data.seed), settings, log, faults=supervisor)
+                                reward_deadline_s=reward_deadline_s(cfg.rewards, n, cfg.faults.health_timeout_s),
+                                episodes=episode_settings(cfg))
+    observe = None
+    if settings.episodes is not None:
+        template = cfg.data.prompt_template(cfg.eval.data)
+        observe = observer(load_tokenizer(model_path, template), template)
+    return RolloutPipeline(generators, rewarders, PromptStream([], cfg.data.seed), settings, log, faults=supervisor,
+                           observe=observe)
 
 
 def start_sampler(cfg: Config, model_path: str, n: int, log: Callable[[str], None],
@@ -96,7 +104,7 @@ def start_sampler(cfg: Config, model_path: str, n: int, log: Callable[[str], Non
                 **{f"reward worker {i}": w for i, w in enumerate(fresh)}}, cfg.cluster.start_timeout_s)
     rewarders = rewarders if rewarders is not None else fresh
     sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, factory, generators, None, 0, log)
-    return Sampler(generators, rewarders, sup, side_pipeline(cfg, generators, rewarders, sup, n, log))
+    return Sampler(generators, rewarders, sup, side_pipeline(cfg, generators, rewarders, sup, n, log, model_path))
 
 
 def eval_command(cfg: Config, model: str, data: str | None, out_dir: Path, log=print) -> dict[str, Any]:

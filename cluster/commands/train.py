@@ -32,6 +32,7 @@ from cluster.commands.cold_start import prepare_model
 from cluster.commands.evaluate import evaluate
 from cluster.config import Config, ConfigError
 from cluster.data import PromptStream, eval_rows, format_rows, load_tokenizer, rl_rows
+from cluster.flow.episodes import episode_settings, observer
 from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
 from cluster.flow.reward_pool import reward_deadline_s
 from rewards.api import ErrorStreak, is_import_path, resolve
@@ -67,7 +68,8 @@ def pipeline_settings(cfg: Config) -> PipelineSettings:
                             max_staleness=cfg.run.max_staleness, dynamic_sampling=cfg.run.dynamic_sampling,
                             max_sampling_rounds=cfg.run.max_sampling_rounds, seed=cfg.run.seed,
                             total_steps=cfg.run.steps,
-                            reward_deadline_s=reward_deadline_s(cfg.rewards, cfg.rollout.n, cfg.faults.health_timeout_s))
+                            reward_deadline_s=reward_deadline_s(cfg.rewards, cfg.rollout.n, cfg.faults.health_timeout_s),
+                            episodes=episode_settings(cfg))
 
 
 def preflight(cfg: Config) -> list[dict]:
@@ -146,6 +148,7 @@ class Run:
         self.model_path = prepare_model(asked, log)  # a cold start's ranks take the generators' cores too
         template = cfg.data.prompt_template()
         tok = load_tokenizer(self.model_path, template)
+        self.observe = observer(tok, template) if cfg.env.name is not None else None
         self.rows, self.eval_rows = format_rows(self.rows, template, tok), format_rows(self.eval_rows, template, tok)
         self.evals: list[dict[str, Any]] = []
         t0 = time.perf_counter()
@@ -176,7 +179,7 @@ class Run:
     def _start_pipeline(self, state: dict[str, Any]) -> None:
         stream = PromptStream(self.rows, self.cfg.data.seed, cursor=state["cursor"])
         self.pipeline = RolloutPipeline(self.actors.generators, self.actors.rewarders, stream,
-                                        pipeline_settings(self.cfg), self.log, faults=self.sup)
+                                        pipeline_settings(self.cfg), self.log, faults=self.sup, observe=self.observe)
         self.pipeline.publish(state["step"], self.version)
         self._write_actors()
 

@@ -38,6 +38,7 @@ import ray
 
 from cluster.actors.faults import FaultReporter
 from cluster.data import PromptStream
+from cluster.flow.episodes import Conductor, EpisodeSettings, TurnRequest, add_env_rewards
 from cluster.flow.reward_pool import RewardPool
 from rollout.seeds import sample_seeds
 from rollout.types import BoundaryError, Group, check_sampled, check_scored
@@ -57,6 +58,8 @@ class PipelineSettings:
     """A reward worker holding a group longer than this is lost (0: no deadline;
     flow.reward_pool.reward_deadline_s computes it from the reward config)."""
     poll_s: float = 0.5
+    episodes: EpisodeSettings | None = None
+    """Multi-turn episodes (env.name set): every sample is an episode (cluster/flow/episodes.py)."""
 
 
 @dataclass
@@ -85,6 +88,8 @@ class Ticket:
     admitted_at: float = 0.0
     group: Group | None = None
     """The group once generated (a prompt whose generator is lost before is requeued)."""
+    episode: int | None = None
+    """A turn of this episode (multi-turn): a one-sample request of the conductor's."""
 
 
 @dataclass
@@ -116,10 +121,13 @@ class PipelineError(RuntimeError):
 
 class RolloutPipeline:
     def __init__(self, generators: list[Any], rewarders: list[Any], stream: PromptStream, settings: PipelineSettings,
-                 log: Callable[[str], None] = print, faults: FaultReporter | None = None) -> None:
+                 log: Callable[[str], None] = print, faults: FaultReporter | None = None,
+                 observe: Callable[[str], list[int]] | None = None) -> None:
         """faults: where a lost actor is reported (the supervisor, which replaces it and
-        calls back generator_down / generator_up); None: a lost actor fails the run."""
+        calls back generator_down / generator_up); None: a lost actor fails the run.
+        observe: with settings.episodes, an observation's text -> its token ids."""
         self.generators, self.rewarders, self.stream, self.s = generators, rewarders, stream, settings
+        self.episodes = None if settings.episodes is None else Conductor(settings.episodes, observe)
         self.log, self.faults = log, faults
         self._up = [True] * len(generators)
         self._orphans: list[Ticket] = []  # prompts of a lost generator, waiting for a live one
@@ -249,9 +257,13 @@ class RolloutPipeline:
                         return
                     self._admit()
                 refs = list(self._collecting) + list(self.rewards.pending)
+                refs += list(self.episodes.pending) if self.episodes is not None else []
                 ready, _ = ray.wait(refs, num_returns=1, timeout=self.s.poll_s) if refs else ([], [])
                 for ref in ready:
                     self._handle(ref)
+                if self.episodes is not None:
+                    with self._lock:
+                        self.episodes.flush(self.rewards)
                 self._watch()
                 if self.faults is not None:
                     self.faults.check()
@@ -301,16 +313,44 @@ class RolloutPipeline:
         live = [i for i, up in enumerate(self._up) if up]
         if not live or not self._orphans:
             return
-        calls: dict[tuple[int, int], tuple[dict | None, list]] = {}  # (generator, sampling) -> jobs
+        if self.episodes is not None:  # a prompt's samples are episodes: their turns are sampled
+            self._orphans = [t for o in self._orphans for t in ([o] if o.episode is not None else self._episodes(o))]
+        calls: dict[tuple[int, str], tuple[dict | None, list]] = {}  # (generator, sampling) -> jobs
         for ticket in self._orphans:
             ticket.generator = min(live, key=lambda i: (self._gen_load[i], i))
             self._gen_load[ticket.generator] += len(ticket.seeds)
-            call = calls.setdefault((ticket.generator, id(ticket.sampling)), (ticket.sampling, []))
+            same = repr(sorted(ticket.sampling.items())) if ticket.sampling is not None else ""
+            call = calls.setdefault((ticket.generator, same), (ticket.sampling, []))
             call[1].append((ticket.key, ticket.row, ticket.seeds))
         self._orphans = []
         for (i, _), (sampling, jobs) in calls.items():
             gen = self.generators[i]
             gen.submit.remote(jobs) if sampling is None else gen.submit.remote(jobs, sampling)
+
+    def _episodes(self, ticket: Ticket) -> list[Ticket]:
+        logprobs = (ticket.sampling or {}).get("logprobs", True)
+        return [self._turn_ticket(t) for t in self.episodes.start(ticket.key, ticket.row, ticket.seeds,
+                                                                  ticket.sampling, logprobs)]
+
+    def _turn_ticket(self, turn: TurnRequest) -> Ticket:
+        row = {"prompt": turn.prompt_ids} if turn.prompt_ids is not None else \
+            dict(self._tickets[self.episodes.episodes[turn.episode].parent].row)
+        ticket = Ticket(next(self._side_keys), row, None, [turn.seed], turn.sampling, episode=turn.episode,
+                        admitted_at=time.perf_counter())
+        self._tickets[ticket.key] = ticket
+        return ticket
+
+    def _more_turns(self, turns: list[TurnRequest], finished: list[int]) -> None:
+        """The conductor's next turns to sample, and the prompts whose episodes are over
+        to the reward pool (lock held)."""
+        self._orphans += [self._turn_ticket(t) for t in turns]
+        self._dispatch()
+        for key in finished:
+            ticket = self._tickets[key]
+            ticket.group = self.episodes.group(key, "episodes")
+            if ticket.batch is not None:
+                self._batches[ticket.batch].last_generated = time.perf_counter()
+            self._scoring[self.rewards.submit(ticket.group)] = key
 
     def generator_down(self, i: int) -> None:
         """Generator i is lost: the prompts it held (not yet returned) go to the others,
@@ -327,7 +367,9 @@ class RolloutPipeline:
                 if t.side is not None:
                     t.side.requeued += 1
             self._orphans += sorted(lost, key=lambda t: (t.batch is None, abs(t.key)))
-            trained = sum(t.side is None for t in lost)
+            trained = sum(t.side is None and t.episode is None for t in lost)
+            if self.episodes is not None:
+                self.episodes.counts["requeued_turns"] += len(lost) - trained
             self.fates["requeued"] += trained
             self.requeued_since_step += trained
             self._dispatch()
@@ -350,6 +392,17 @@ class RolloutPipeline:
             for g in groups:
                 self._on_generated(i, g)
             return
+        if self.episodes is not None and ref in self.episodes.pending:
+            worker = self.episodes.pending[ref][0]
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                if self.faults is None:
+                    raise
+                return self._lost_reward_worker(worker, f"died ({type(e).__name__})")
+            with self._lock:
+                self._more_turns(*self.episodes.env_done(ref, results))
+            return
         if ref not in self.rewards.pending:  # a lost worker's group, already sent elsewhere
             return
         key, worker = self._scoring.pop(ref), self.rewards.done(ref)
@@ -360,6 +413,7 @@ class RolloutPipeline:
                 raise
             return self._lost_reward_worker(worker, f"died ({type(e).__name__})", [(key, self._tickets[key].group)])
         check_scored(group, f"reward worker {worker}")
+        add_env_rewards(group)
         with self._lock:
             self._on_scored(key, group)
 
@@ -375,20 +429,29 @@ class RolloutPipeline:
         self.rewards.replace(w, self.faults.reward_worker_lost(w, self.rewards.workers[w], cause))
         for key, group in lost:
             self._scoring[self.rewards.submit(group)] = key
+        if self.episodes is not None:  # the environments it held are gone: their episodes are re-run
+            with self._lock:
+                self._more_turns(*self.episodes.worker_lost(w))
 
     def _watch(self) -> None:
         """A reward worker that holds a group past its deadline is lost (generators are
         probed by the supervisor)."""
-        if self.faults is None or not self.s.reward_deadline_s:
+        if self.faults is None:
             return
-        for w in self.rewards.overdue(self.s.reward_deadline_s):
+        for w in self.rewards.overdue(self.s.reward_deadline_s) if self.s.reward_deadline_s else []:
             self._lost_reward_worker(w, f"held a group for more than {self.s.reward_deadline_s:.0f} s")
+        for w in self.episodes.overdue() if self.episodes is not None else []:
+            self._lost_reward_worker(w, "held environment calls past their deadline (env.timeout_s per call)")
 
     def _on_generated(self, generator: int, group: Group) -> None:
         with self._lock:
             ticket = self._tickets.get(group.key)
             if ticket is None or ticket.generator != generator:
                 return  # requeued meanwhile (its generator was declared lost): the other copy counts
+            if ticket.episode is not None:  # one turn of an episode: on to its environment
+                del self._tickets[group.key]
+                self._gen_load[generator] -= 1
+                return self._more_turns(self.episodes.turn_done(ticket.episode, group, f"generator {generator}"), [])
             check_sampled(group, f"generator {generator}", logprobs=(ticket.sampling or {}).get("logprobs", True))
             if len(group.samples) != len(ticket.seeds):
                 raise BoundaryError(f"generator {generator}: prompt {group.key} has {len(group.samples)} samples, "
