@@ -118,8 +118,7 @@ class EnvHost:
     slots in parallel, each slot's in order."""
 
     def __init__(self, env: Any, rewards: Any, worker: int) -> None:
-        from rewards.peer import ProcessPeer
-        from rewards.worker import child_env, external_peer
+        from rewards.peer import ProcessPeer, child_env, external_peer
 
         self.env, self.name = env, env.name
         self.peers = []

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from rewards.api import VerifierError
-from rewards.config import split_address
+from rewards.config import ExternalVerifier, RewardConfig, split_address
 from rewards.protocol import HEADER, MAX_FRAME_BYTES, ProtocolError, check_response, decode_body, encode, plain
 from rewards.spawn import die_with_parent, minimal_env, throwaway_home
 
@@ -239,3 +239,19 @@ class SocketPeer(Peer):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def child_env(cfg: RewardConfig) -> dict[str, str]:
+    """The environment of our own verifier processes: the minimal one that imports the
+    project and plug-ins (never a user site of the shared throwaway HOME), the variables
+    the Python verifiers' `env` name, and the limits the child applies."""
+    names = [n for name in cfg.verifiers if name not in cfg.external for n in cfg.spec(name).env]
+    return {**minimal_env(names, python=True), "PYTHONNOUSERSITE": "1", "GRPO_VERIFIER_MEMORY_MB": str(cfg.memory_mb),
+            "GRPO_ALLOW_UNSANDBOXED_CODE": "1" if cfg.allow_unsandboxed_code else "0"}
+
+
+def external_peer(name: str, ext: ExternalVerifier) -> Peer:
+    if ext.command is not None:
+        return ProcessPeer(ext.command, env=minimal_env(ext.env), handshake=ext.ready,
+                           name=f"external verifier {name!r}")
+    return SocketPeer(ext.address, name=f"external verifier {name!r} at {ext.address}")

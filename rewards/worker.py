@@ -22,32 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rewards.api import VerifierError
-from rewards.config import EnvConfig, ExternalVerifier, RewardConfig
-from rewards.peer import Peer, ProcessPeer, SocketPeer
+from rewards.config import EnvConfig, RewardConfig
+from rewards.peer import Peer, ProcessPeer, child_env, external_peer
 from rewards.protocol import ANSWER_CLASSES
-from rewards.spawn import minimal_env
 from rollout.host import node_id, redirect_output_from_env
 from rollout.types import Group
 
 
 def child_argv(specs: dict[str, dict[str, Any]]) -> list[str]:
     return [sys.executable, "-m", "rewards.child", json.dumps(specs)]
-
-
-def child_env(cfg: RewardConfig) -> dict[str, str]:
-    """The environment of our own verifier processes: the minimal one that imports the
-    project and plug-ins (never a user site of the shared throwaway HOME), the variables
-    the Python verifiers' `env` name, and the limits the child applies."""
-    names = [n for name in cfg.verifiers if name not in cfg.external for n in cfg.spec(name).env]
-    return {**minimal_env(names, python=True), "PYTHONNOUSERSITE": "1", "GRPO_VERIFIER_MEMORY_MB": str(cfg.memory_mb),
-            "GRPO_ALLOW_UNSANDBOXED_CODE": "1" if cfg.allow_unsandboxed_code else "0"}
-
-
-def external_peer(name: str, ext: ExternalVerifier) -> Peer:
-    if ext.command is not None:
-        return ProcessPeer(ext.command, env=minimal_env(ext.env), handshake=ext.ready,
-                           name=f"external verifier {name!r}")
-    return SocketPeer(ext.address, name=f"external verifier {name!r} at {ext.address}")
 
 
 def preflight_external(cfg: RewardConfig) -> None:

@@ -123,16 +123,19 @@ def test_chaos_an_environment_process_dies_a_tool_call_and_a_step_hang(ray_sessi
     gens, workers = factory.generators(), factory.reward_workers()
     ray.get([a.ready.remote() for a in gens + workers])
     sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, factory, gens, None, 0, lambda m: None)
-    pipe = side(cfg, gens, workers, tok, sup)
-    rows = [dict(ROWS[0], case="hang_tool"), dict(ROWS[1]), dict(ROWS[2], case="hang_step")]
-    groups = pipe.sample(rows, [sample_seeds(0, "eval", i, 2) for i in range(3)], {"top_p": 1.0}, timeout_s=180)
-    assert [len(g.samples) for g in groups] == [2, 2, 2]
-    ep = [g.episode for g in groups]
-    assert (tmp_path / "died").exists() and pipe.episodes.counts["reruns"] >= 1
-    assert sum(sum(e["reruns"]) for e in ep) == pipe.episodes.counts["reruns"]
-    assert ep[0]["tool_errors"] == [1, 1]  # the hung tool call: an error observation, and the episode went on
-    assert ep[0]["turns"] == [2, 2] and ep[0]["outcome"] == ["done", "done"]
-    assert "timed out" in groups[0].samples[0].text
-    assert ep[2]["outcome"] == ["timeout", "timeout"] and ep[2]["timeouts"] == [1, 1] and ep[2]["turns"] == [2, 2]
-    assert ep[1]["outcome"] == ["done", "done"]
-    pipe.close()
+    try:
+        pipe = side(cfg, gens, workers, tok, sup)
+        rows = [dict(ROWS[0], case="hang_tool"), dict(ROWS[1]), dict(ROWS[2], case="hang_step")]
+        groups = pipe.sample(rows, [sample_seeds(0, "eval", i, 2) for i in range(3)], {"top_p": 1.0}, timeout_s=180)
+        assert [len(g.samples) for g in groups] == [2, 2, 2]
+        ep = [g.episode for g in groups]
+        assert (tmp_path / "died").exists() and pipe.episodes.counts["reruns"] >= 1
+        assert sum(sum(e["reruns"]) for e in ep) == pipe.episodes.counts["reruns"]
+        assert ep[0]["tool_errors"] == [1, 1]  # the hung tool call: an error observation, and the episode went on
+        assert ep[0]["turns"] == [2, 2] and ep[0]["outcome"] == ["done", "done"]
+        assert "timed out" in groups[0].samples[0].text
+        assert ep[2]["outcome"] == ["timeout", "timeout"] and ep[2]["timeouts"] == [1, 1] and ep[2]["turns"] == [2, 2]
+        assert ep[1]["outcome"] == ["done", "done"]
+        pipe.close()
+    finally:
+        sup.close()  # its probe thread must not call Ray after the module's Ray is shut down
