@@ -54,6 +54,36 @@ def preflight_external(cfg: RewardConfig) -> None:
             raise VerifierError(f"external verifier {name!r} did not answer a probe request: {result['error']}")
 
 
+def preflight_env(env: EnvConfig) -> None:
+    """The environment of multi-turn episodes, checked before any actor starts: a Python
+    one imports and takes env.args; an external one starts (or is reached) and answers a
+    probe, a close of no episode (any answer, an error included, passes). -> VerifierError
+    naming it."""
+    if env.name is None:
+        return
+    if env.external is None:
+        from rewards.envs import EnvError, resolve_env
+
+        try:
+            resolve_env(env.name)(**env.args)
+        except EnvError as e:
+            raise VerifierError(str(e)) from None
+        except Exception as e:
+            raise VerifierError(f"env.args: environment {env.name!r} refused {env.args}: {type(e).__name__}: {e}") from None
+        return
+    peer = external_peer(env.name, env.external)
+    try:
+        if isinstance(peer, ProcessPeer):
+            peer.start()
+        result = peer.send({"verifier": env.name, "kind": "close", "episode": -1}, env.timeout_s)
+    except OSError as e:
+        raise VerifierError(f"external environment {env.name!r} cannot start {env.external.command}: {e}") from None
+    finally:
+        peer.close()
+    if peer.restarts:
+        raise VerifierError(f"external environment {env.name!r} did not answer a probe request: {result['error']}")
+
+
 class RewardWorker:
     def __init__(self, cfg: RewardConfig, index: int = 0, env: EnvConfig | None = None) -> None:
         """env: multi-turn episodes (env.name set): this worker also runs environment

@@ -89,7 +89,34 @@ def step_metrics(groups: list[Group], learner: dict[str, float]) -> dict[str, An
     out["format_rate"] = out.get("rewards/format", float("nan"))
     out["kl"] = learner.get("train/kl", 0.0)
     out["clip_frac"] = learner.get("train/clip_frac", 0.0)
+    out.update(episode_metrics(groups))
     out.update(learner)
+    return out
+
+
+EPISODE_OUTCOMES = ("done", "max_turns", "max_tokens", "timeout", "error", "abandoned")
+
+
+def episode_metrics(groups: list[Group]) -> dict[str, float]:
+    """Multi-turn episodes (Group.episode; none for single-turn groups): per episode, the
+    mean model turns, tool calls and observation tokens; over the step, the counts of
+    tool errors, re-runs and timeouts, the share of each way an episode ended, and
+    time/env, the seconds spent in environment calls summed over episodes (they run in
+    parallel over reward workers and their processes, so it can exceed the step)."""
+    eps = [g.episode for g in groups if g.episode is not None]
+    if not eps:
+        return {}
+    n = sum(len(e["turns"]) for e in eps)
+
+    def total(key: str) -> float:
+        return float(sum(sum(e[key]) for e in eps))
+
+    out = {"env/turns": total("turns") / n, "env/tool_calls": total("tool_calls") / n,
+           "env/observation_tokens": total("observation_tokens") / n, "env/tool_errors": total("tool_errors"),
+           "env/reruns": total("reruns"), "env/timeouts": total("timeouts"), "env/errors": total("errors"),
+           "env/reward": total("env_reward") / n, "time/env": total("env_seconds")}
+    for outcome in EPISODE_OUTCOMES:
+        out[f"env/outcome_{outcome}"] = sum(o == outcome for e in eps for o in e["outcome"]) / n
     return out
 
 

@@ -12,7 +12,14 @@ RUN/rollouts/step-NNNNNN.msgpack, one file per step, is one msgpack map:
                               "versions": [[version, first token index], ...], "seed": int,
                               "loss_mask": [0 | 1] (only where some token was not sampled),
                               "reward": float, "advantage": float,
-                              "scores": {verifier: float}, "info": {verifier: map}}]}]}
+                              "scores": {verifier: float}, "info": {verifier: map},
+                              "episode": map (multi-turn only, below)}]}]}
+
+A multi-turn sample (env.name set) is one episode: its token_ids are every model turn
+and observation in order, loss_mask 0 on the observations, and "episode" holds
+{"segments": [[text, 1 (model turn) | 0 (observation)], ...] (their texts joined are
+"text"), "turns": int, "outcome": str, "tool_calls": int, "tool_errors": int,
+"observation_tokens": int, "reruns": int, "env_reward": float, "env_seconds": float}.
 
 Plain msgpack only: any language can read it, and nothing is ever unpickled. The
 directory is kept under `run.record_max_mb` by deleting the oldest steps.
@@ -31,6 +38,17 @@ from rollout.types import Group, Sample
 FORMAT = "grpo-rollouts/1"
 
 
+EPISODE_FIELDS = ("segments", "turns", "outcome", "tool_calls", "tool_errors", "observation_tokens", "reruns",
+                  "env_reward", "env_seconds")
+
+
+def _episode(g: Group, i: int) -> dict[str, Any]:
+    """Sample i's episode, as recorded (nothing for a single-turn group)."""
+    if g.episode is None:
+        return {}
+    return {"episode": {k: g.episode[k][i] for k in EPISODE_FIELDS}}
+
+
 def group_record(g: Group, advantages: list[float], trained: bool, dropped: str | None) -> dict[str, Any]:
     verifiers = list(g.reward_parts or {})
     return {
@@ -43,6 +61,7 @@ def group_record(g: Group, advantages: list[float], trained: bool, dropped: str 
             "reward": g.rewards[i], "advantage": advantages[i],
             "scores": {v: g.reward_parts[v][i] for v in verifiers},
             "info": {v: (g.reward_info or {}).get(v, [{}] * len(g.samples))[i] for v in verifiers},
+            **_episode(g, i),
         } for i, s in enumerate(g.samples)],
     }
 

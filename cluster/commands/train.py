@@ -37,7 +37,7 @@ from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
 from cluster.flow.reward_pool import reward_deadline_s
 from rewards.api import ErrorStreak, is_import_path, resolve
 from rewards.sandbox import sandbox_mode
-from rewards.worker import preflight_external
+from rewards.worker import preflight_env, preflight_external
 
 
 @dataclass
@@ -78,6 +78,7 @@ def preflight(cfg: Config) -> list[dict]:
     rows = rl_rows(cfg.data)
     check_available(cfg.run.loggers)
     preflight_external(cfg.rewards)  # each external verifier started (or reached) and answering
+    preflight_env(cfg.env)  # the episodes' environment imports, or starts and answers
     for name in cfg.rewards.verifiers:
         if is_import_path(name) and name not in cfg.rewards.external:
             resolve(name)
