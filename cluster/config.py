@@ -22,8 +22,12 @@ class ConfigError(ValueError):
 
 
 class DataConfig(Section):
-    task: Literal["arithmetic"] | None = "arithmetic"
-    """Built-in task generator. Ignored when `path` is set."""
+    task: Literal["arithmetic", "multiplication"] | None = "arithmetic"
+    """Built-in task generator. Ignored when `path` is set. `arithmetic`: a+b, with a
+    units-digit scratchpad in the cold start; `multiplication`: a*b, beyond the tiny
+    model's head: with env.name=python its cold start writes a tool call
+    (`<python>print(a*b)</python>`), reads the output and answers; without, it answers
+    directly (the no-tool baseline)."""
     path: str | None = None
     """A JSONL file of rows with `prompt` and `answer` (other fields go to the verifiers)."""
     max_operand: int = Field(29, ge=1, le=999)

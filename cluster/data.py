@@ -22,17 +22,31 @@ def reference_completion(a: int, b: int) -> str:
     return f"<think>{a % 10}+{b % 10}={a % 10 + b % 10}</think><answer>{a + b}</answer>"
 
 
+def tool_reference(a: int, b: int) -> list[list]:
+    """The multiplication task's cold-start target with the `python` tool, as an episode
+    (model turn, the tool's observation, model turn): the model writes the call, the
+    sandbox prints the product, the model copies it into <answer>. The observation is
+    exactly what the tool answers (rewards/envs.py PythonTool); it carries no loss."""
+    return [[f"<python>print({a}*{b})</python>", 1], [f"<output>{a * b}\n</output>", 0],
+            [f"<answer>{a * b}</answer>", 1]]
+
+
+def _task_row(task: str, a: int, b: int) -> dict[str, Any]:
+    if task == "multiplication":  # beyond a small model's head: the tool's task (README, Environments and tools)
+        return {"prompt": f"{a}*{b}=", "answer": str(a * b), "reference": f"<answer>{a * b}</answer>",
+                "tool_reference": tool_reference(a, b)}
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b), "reference": reference_completion(a, b)}
+
+
 def arithmetic_split(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
-    """All pairs a+b with operands 0..max_operand, split (seeded) three ways, each held
-    apart from the others: "eval" (never trained on), "rl" and "sft" (the cold start)."""
+    """All pairs a+b (a*b for data.task=multiplication) with operands 0..max_operand,
+    split (seeded) three ways, each held apart from the others: "eval" (never trained
+    on), "rl" and "sft" (the cold start)."""
     pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(cfg.max_operand + 1)]
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = int(len(pairs) * cfg.eval_share)
     n_rl = max(1, int(len(pairs) * cfg.rl_share))
-    rows = [
-        {"prompt": f"{a}+{b}=", "answer": str(a + b), "reference": reference_completion(a, b)}
-        for a, b in pairs
-    ]
+    rows = [_task_row(cfg.task or "arithmetic", a, b) for a, b in pairs]
     return {"eval": rows[:n_eval], "rl": rows[n_eval : n_eval + n_rl], "sft": rows[n_eval + n_rl :]}
 
 

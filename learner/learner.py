@@ -62,10 +62,11 @@ def export_tokenizer(source: str | Path, out: Path) -> None:
     gen.save_pretrained(str(out))
 
 
-def _supervised(prompt: list[int], completion: list[int]) -> Sequence:
-    """A fixed (prompt, completion) pair as a sequence the learner scores: no behaviour
-    logprobs, no advantage."""
-    return Sequence(prompt, Sample(completion, [0.0] * len(completion), "", "stop", [(0, 0)]), 0.0)
+def _supervised(prompt: list[int], completion: list[int], mask: list[int] | None = None) -> Sequence:
+    """A fixed (prompt, completion[, loss mask]) example as a sequence the learner scores:
+    no behaviour logprobs, no advantage; tokens under mask 0 (an environment's
+    observation in a multi-turn target) carry no loss."""
+    return Sequence(prompt, Sample(completion, [0.0] * len(completion), "", "stop", [(0, 0)], loss_mask=mask), 0.0)
 
 
 class NonFiniteWeights(RuntimeError):
@@ -299,13 +300,13 @@ class Learner:
             metrics["gradients"] = captured
         return metrics
 
-    def sft_step(self, examples: list[tuple[list[int], list[int]]], plan: StepPlan) -> dict[str, float]:
+    def sft_step(self, examples: list[tuple], plan: StepPlan) -> dict[str, float]:
         """Supervised fine-tuning (a cold start, distillation): examples are (prompt ids,
-        completion ids with EOS); the loss is the completion tokens' negative
-        log-likelihood, a token mean over the whole batch. Same schedule, same
-        DeepSpeed engine, same guarded optimizer as the RL step."""
+        completion ids with EOS[, loss mask]); the loss is the completion tokens'
+        negative log-likelihood (masked tokens left out), a token mean over the whole
+        batch. Same schedule, same DeepSpeed engine, same guarded optimizer as the RL step."""
         t0 = time.perf_counter()
-        seqs = [_supervised(p, c) for p, c in examples]
+        seqs = [_supervised(*example) for example in examples]
         if len(seqs) != plan.num_sequences or plan.world != self.world_size or plan.accumulation != self.accumulation:
             raise ValueError(f"learner rank {self.rank}: the SFT plan does not match this batch or learner")
         total, skipped_before = 0.0, self._skipped()

@@ -66,13 +66,16 @@ def answer(cls: type, args: dict, episodes: dict[int, Any], request: dict) -> di
         return _response(request)
     try:
         step = env.step(request["turn"])
-    except Exception as e:  # the environment's failure is this turn's observation
+        observation, done, reward = step.observation, bool(step.done), float(step.reward)
+        if observation is not None and not isinstance(observation, str):
+            raise TypeError(f"Step.observation must be a str or None, not {type(observation).__name__}")
+        info = plain(step.info or {})
+    except Exception as e:  # the environment's failure (a malformed Step too) is this turn's observation
         why = traceback.format_exception_only(type(e), e)[-1].strip()[:ERROR_CHARS]
         return _response(request, info={"observation": f"<error>{why}</error>", "done": False,
                                         "info": {"tool_error": 1, "env_error": why}})
-    reward = float(step.reward)
-    return _response(request, reward=reward, info={"observation": step.observation, "done": bool(step.done),
-                                                   "info": plain(step.info or {})})
+    return _response(request, reward=reward, info={"observation": observation, "done": done,
+                                                   "info": info if isinstance(info, dict) else {}})
 
 
 def serve(spec: dict, stdin, stdout) -> None:
@@ -163,7 +166,7 @@ class EnvHost:
                 info = result["info"]
                 obs = info.get("observation")
                 out.update(observation=obs if isinstance(obs, str) else None, reward=result["score"],
-                           done=bool(info.get("done")) or not isinstance(obs, str),
+                           done=info.get("done") is True or not isinstance(obs, str),
                            info=info.get("info") if isinstance(info.get("info"), dict) else {})
             else:
                 out["error"] = result["error"]

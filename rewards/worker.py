@@ -153,7 +153,7 @@ class RewardWorker:
     def _score_sample(self, group: Group, i: int) -> dict[str, dict[str, Any]]:
         slot = self._free.get()
         try:
-            fields = {**group.row, "completion_tokens": len(group.samples[i].completion_ids)}
+            fields = {**group.row, "completion_tokens": group.samples[i].model_tokens()}  # an episode's observations not counted
             return {name: self.verify(name, group.samples[i].text, fields, slot) for name in self.weights}
         finally:
             self._free.put(slot)

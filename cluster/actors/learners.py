@@ -47,9 +47,10 @@ class LearnerGroup:
         return self._get([r.train_step.remote(ref, plan, capture_gradients, version) for r in self.ranks],
                          "a train step", timeout_s)[0]
 
-    def sft(self, examples: list[tuple[list[int], list[int]]], timeout_s: float | None = None) -> dict[str, float]:
-        """One supervised step on every rank: (prompt ids, completion ids) pairs."""
-        plan = plan_for(self.learner, len(self.ranks), self.micro, self.accumulation, [len(p) + len(c) for p, c in examples])
+    def sft(self, examples: list[tuple], timeout_s: float | None = None) -> dict[str, float]:
+        """One supervised step on every rank: (prompt ids, completion ids[, loss mask]) examples."""
+        plan = plan_for(self.learner, len(self.ranks), self.micro, self.accumulation,
+                        [len(e[0]) + len(e[1]) for e in examples])
         ref = ray.put(examples)
         return self._get([r.sft_step.remote(ref, plan) for r in self.ranks], "an SFT step", timeout_s)[0]
 

@@ -24,12 +24,15 @@ def prepare_model(cfg: Config, log=print) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path: {str(path)!r} is not an HF model directory (no config.json)")
         return str(path.resolve())
+    tool = cfg.data.task == "multiplication" and cfg.env.name == "python"  # the tool's pattern in the targets
+    task = {} if cfg.data.task in ("arithmetic", None) else {"task": cfg.data.task, "tool": tool}  # default key kept
     key = json.dumps(
         {
             "v": RECIPE_VERSION,
             "tiny": cfg.model.tiny.model_dump(),
             "cold_start": cfg.model.cold_start.model_dump(),
             "data": cfg.data.model_dump(include={"max_operand", "rl_share", "eval_share", "seed"}),
+            **task,
         },
         sort_keys=True,
     )
@@ -42,7 +45,7 @@ def prepare_model(cfg: Config, log=print) -> str:
     for d in (tmp, trained):
         shutil.rmtree(d, ignore_errors=True)
     build_tiny_model(tmp, cfg.model.tiny)
-    pairs = [(r["prompt"], r["reference"]) for r in arithmetic_split(cfg.data)["sft"]]
+    pairs = [(r["prompt"], r["tool_reference"] if tool else r["reference"]) for r in arithmetic_split(cfg.data)["sft"]]
     c = cfg.model.cold_start
     start_ray(cfg.cluster)
     # the cold start builds the model every run of this key starts from: full fine-tuning,

@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -26,23 +26,33 @@ class SFTSettings:
     seed: int = 0
 
 
-def tokenize(model_path: str, pairs: list[tuple[str, str]], template: str = "none") -> list[tuple[list[int], list[int]]]:
+def tokenize(model_path: str, pairs: list[tuple[str, Any]], template: str = "none") -> list[tuple]:
     """(prompt, completion) texts -> (prompt ids, completion ids + the end token), as
     generation sees them: the prompt rendered and tokenised exactly as RL's and eval's
     prompts are (cluster/data.py format_rows, rollout/tokens.py), the completion ended
-    with the template's end-of-turn under `chat`, EOS otherwise."""
+    with the template's end-of-turn under `chat`, EOS otherwise.
+
+    A multi-turn completion is a list of [text, 1 (a model turn) | 0 (an observation)]
+    segments, tokenised as an episode samples them: each model turn on its own, each
+    observation on its own as the environment's turn (rollout/tokens.py
+    observation_ids) -> (prompt ids, completion ids, loss mask 0 on the observations)."""
     from cluster.data import format_rows, load_tokenizer
-    from rollout.tokens import completion_end_id
+    from rollout.tokens import completion_end_id, observation_ids
 
     tok = load_tokenizer(model_path, template)
     end = completion_end_id(tok, template)
     rows = format_rows([{"prompt": p} for p, _ in pairs], template, tok)
     out = []
     for i, (row, (_, completion)) in enumerate(zip(rows, pairs)):
-        c = tok(completion, add_special_tokens=False)["input_ids"] + [end]
-        if len(c) < 2:
+        segments = [[completion, 1]] if isinstance(completion, str) else completion
+        c, mask = [], []
+        for text, by_model in segments:
+            ids = tok(text, add_special_tokens=False)["input_ids"] if by_model else observation_ids(tok, text, template)
+            c, mask = c + ids, mask + [int(bool(by_model))] * len(ids)
+        c, mask = c + [end], mask + [1]
+        if sum(mask) < 2:
             raise ValueError(f"SFT example {i}: empty completion")
-        out.append((row["prompt_ids"], c))
+        out.append((row["prompt_ids"], c) if all(mask) else (row["prompt_ids"], c, mask))
     return out
 
 
@@ -56,7 +66,7 @@ def sft_config(cfg: Config, settings: SFTSettings) -> Config:
     return cfg.model_copy(update=dict(learner=learner, run=run, rollout=cfg.rollout.model_copy(update=dict(n=1))))
 
 
-def train_steps(group, examples: list[tuple[list[int], list[int]]], settings: SFTSettings) -> list[float]:
+def train_steps(group, examples: list[tuple], settings: SFTSettings) -> list[float]:
     """settings.steps SFT steps on batches drawn (seeded) from examples, with a progress
     bar. -> the loss of every step."""
     rng, losses = random.Random(settings.seed), []
@@ -70,7 +80,7 @@ def train_steps(group, examples: list[tuple[list[int], list[int]]], settings: SF
     return losses
 
 
-def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, str]], settings: SFTSettings, out_dir: Path,
+def run_sft(cfg: Config, model_path: str, pairs: list[tuple[str, Any]], settings: SFTSettings, out_dir: Path,
             log: Callable[[str], None] = print, template: str | None = None) -> dict[str, float]:
     """Train model_path on (prompt, completion) pairs, batches drawn with the seed; save
     the result as an HF model directory at out_dir. Prompts are formatted by `template`

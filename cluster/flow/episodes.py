@@ -26,8 +26,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from rewards.protocol import plain
 from rollout.seeds import derive_seed
 from rollout.types import BoundaryError, Group, Sample, check_sampled
+
+ID_BITS = 32
+"""An environment knows an episode's attempt by `attempt << ID_BITS | episode` (env_key):
+a late answer of an earlier attempt never lands on its re-run."""
+
+
+def _count(value: Any) -> int:
+    """An environment's count in `info` (tool_call, tool_error): a finite number, else 0."""
+    if isinstance(value, bool):
+        return int(value)
+    return int(value) if isinstance(value, (int, float)) and value == value and abs(value) != float("inf") else 0
 
 
 @dataclass
@@ -45,10 +57,11 @@ class EpisodeSettings:
     slack_s: float = 15.0
     """Added to a batch's deadline (its worker's start, a probe)."""
 
-    def deadline_s(self, calls: int) -> float:
-        """How long a reward worker may hold `calls` environment calls before it is lost:
-        each at reset + step + close timeouts, `concurrency` at a time, plus slack."""
-        return 3 * self.timeout_s * -(-calls // self.concurrency) + self.slack_s
+    def deadline_s(self, per_slot: int) -> float:
+        """How long a reward worker may take over a batch of environment calls whose
+        busiest process holds `per_slot` of them (a process answers its episodes one
+        at a time): each at reset + step + close timeouts, plus slack."""
+        return 3 * self.timeout_s * per_slot + self.slack_s
 
 
 @dataclass
@@ -87,6 +100,11 @@ class Episode:
         self.turns, self.reward, self.finish, self.received = 0, 0.0, "stop", []
         reruns, env_s = self.stats["reruns"] + 1, self.stats["env_seconds"]
         self.stats = Counter(reruns=reruns, env_seconds=env_s)
+
+    @property
+    def env_key(self) -> int:
+        """This attempt's name at its environment."""
+        return self.attempt << ID_BITS | self.id
 
     def turn_seed(self) -> int:
         return self.seed if self.turns == 0 and self.attempt == 0 else derive_seed(self.seed, "turn", self.turns,
@@ -154,9 +172,9 @@ class Conductor:
         e.segments.append([s.text, 1])
         e.turns += 1
         e.finish = s.finish_reason
-        request = {"episode": e.id, "turn": s.text}
+        request = {"episode": e.env_key, "turn": s.text}
         if e.turns == 1:
-            request["row"] = self.rows[e.parent]
+            request["row"] = plain(self.rows[e.parent])  # a field msgpack cannot carry must not fail the reset
         if e.turns >= self.s.max_turns or len(e.ids) >= self.s.max_episode_tokens:
             request["close"] = True  # its reward still counts; nothing follows it
         self.outbox.append((e, request))
@@ -175,19 +193,22 @@ class Conductor:
         self.outbox = []
         for w, calls in by_worker.items():
             ref = pool.workers[w].env_steps.remote([r for _, r in calls])
-            self.pending[ref] = (w, [e.id for e, _ in calls], time.monotonic() + self.s.deadline_s(len(calls)))
+            # a worker answers its calls one after another: this one's clock starts when the last ends
+            start = max([time.monotonic()] + [d for worker, _, d in self.pending.values() if worker == w])
+            busiest = max(Counter(r["episode"] % self.s.concurrency for _, r in calls).values())
+            self.pending[ref] = (w, [r["episode"] for _, r in calls], start + self.s.deadline_s(busiest))
 
     def env_done(self, ref: Any, results: list[dict[str, Any]]) -> tuple[list[TurnRequest], list[int]]:
         """A reward worker's answers -> (turns to sample, prompts whose episodes are all over)."""
-        _, ids, _ = self.pending.pop(ref)
+        w, keys, _ = self.pending.pop(ref)
         turns, finished = [], []
-        for episode, r in zip(ids, results, strict=True):
-            e = self.episodes[episode]
-            if r["episode"] != episode:
-                raise BoundaryError(f"reward worker {e.worker}: answered episode {r['episode']} for {episode}")
-            e.stats["env_seconds"] += r["seconds"]
-            if e.sample is not None:  # the closing call of a finished episode
+        for key, r in zip(keys, results, strict=True):
+            if r["episode"] != key:
+                raise BoundaryError(f"reward worker {w}: answered episode {r['episode']} for {key}")
+            e = self.episodes.get(key & (1 << ID_BITS) - 1)
+            if e is None or e.env_key != key or e.sample is not None:  # an earlier attempt's, or a closing call's
                 continue
+            e.stats["env_seconds"] += r["seconds"]
             turns += self._answer(e, r, finished)
         return turns, finished
 
@@ -201,13 +222,17 @@ class Conductor:
         if not isinstance(reward, (int, float)) or reward != reward or abs(reward) == float("inf"):
             raise BoundaryError(f"reward worker {e.worker}: episode {e.id}: a non-finite environment reward {reward!r}")
         e.reward += float(reward)
-        e.stats["tool_calls"] += int(r["info"].get("tool_call", 0))
-        e.stats["tool_errors"] += int(r["info"].get("tool_error", 0))
+        e.stats["tool_calls"] += _count(r["info"].get("tool_call", 0))
+        e.stats["tool_errors"] += _count(r["info"].get("tool_error", 0))
         if r["done"]:
             return self._end(e, "done", finished)
         if e.turns >= self.s.max_turns:
             return self._end(e, "max_turns", finished)
-        obs = self.observe(r["observation"])
+        try:
+            obs = self.observe(r["observation"])
+        except ValueError:  # an observation with no tokens (empty text): the environment's fault, this episode's end
+            e.stats["errors"] += 1
+            return self._end(e, "error", finished)
         if len(e.ids) + len(obs) >= self.s.max_episode_tokens:
             e.finish = "length"
             return self._end(e, "max_tokens", finished)
@@ -240,10 +265,10 @@ class Conductor:
         -> as env_done."""
         turns, finished = [], []
         for ref in [r for r, (worker, _, _) in self.pending.items() if worker == w]:
-            _, ids, _ = self.pending.pop(ref)
-            for episode in ids:
-                e = self.episodes[episode]
-                if e.sample is None:
+            _, keys, _ = self.pending.pop(ref)
+            for key in keys:
+                e = self.episodes.get(key & (1 << ID_BITS) - 1)
+                if e is not None and e.env_key == key and e.sample is None:
                     turns += self._rerun(e, finished)
         return turns, finished
 

@@ -413,7 +413,9 @@ class RolloutPipeline:
                 raise
             return self._lost_reward_worker(worker, f"died ({type(e).__name__})", [(key, self._tickets[key].group)])
         check_scored(group, f"reward worker {worker}")
-        add_env_rewards(group)
+        if group.episode is not None:
+            add_env_rewards(group)
+            check_scored(group, "the environment's rewards")
         with self._lock:
             self._on_scored(key, group)
 

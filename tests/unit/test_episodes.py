@@ -85,19 +85,40 @@ def test_a_lost_environment_reruns_the_episode_with_new_seeds_then_gives_it_up()
     c, pool = conductor(max_attempts=2), FakePool()
     [t1] = c.start(3, ROW, [5], None, True)
     c.turn_done(t1.episode, turn([1], [2], "a"), "generator 0")
-    turns, _ = answer(c, pool, [{**ok(t1.episode), "kind": "lost"}])
+    c.flush(pool)
+    [first] = list(c.pending)
+    turns, _ = c.env_done(first, [{**ok(t1.episode), "kind": "lost"}])
     [again] = turns
     assert again.prompt_ids is None and again.seed == derive_seed(5, "turn", 0, 1)  # attempt 1 draws anew
     assert c.counts["reruns"] == 1
     c.turn_done(again.episode, turn([1], [4, 4], "cc"), "generator 0")
     c.flush(pool)
-    assert pool.workers[0].calls[-1][0]["row"] == ROW  # the re-run resets a new environment
-    ref = [r for r in c.pending][0]
-    turns, finished = c.env_done(ref, [{**ok(t1.episode), "kind": "lost"}])
+    [request] = pool.workers[0].calls[-1]
+    assert request["row"] == ROW and request["episode"] == 1 << 32 | t1.episode  # a new environment, its own key
+    [ref] = list(c.pending)
+    c.pending[("late", 0)] = (0, [t1.episode], 0.0)  # attempt 0's answer arriving now is not attempt 1's
+    assert c.env_done(("late", 0), [ok(t1.episode, "<stale>")]) == ([], [])
+    turns, finished = c.env_done(ref, [{**ok(request["episode"]), "kind": "lost"}])
     assert turns == [] and finished == [3] and c.counts["abandoned"] == 1
     g = c.group(3, "episodes")
     assert g.episode["outcome"] == ["abandoned"] and g.episode["reruns"] == [1]
     assert g.samples[0].completion_ids == [4, 4]  # what the last attempt sampled
+
+
+def test_bad_environment_output_costs_the_episode_never_the_run():
+    c, pool = conductor(), FakePool()
+    c.observe = lambda text: [] if not text else [90]
+    [t] = c.start(1, ROW, [1], None, True)
+    c.turn_done(t.episode, turn([1], [2], "a"), "generator 0")
+
+    def empty(text):
+        raise ValueError("no tokens")
+
+    c.observe = empty
+    turns, finished = answer(c, pool, [ok(t.episode, "", tool_call="yes", tool_error=float("nan"))])
+    g = c.group(1, "e")
+    assert finished == [1] and g.episode["outcome"] == ["error"] and g.episode["errors"] == [1]
+    assert g.episode["tool_calls"] == [0] and g.episode["tool_errors"] == [0]
 
 
 def test_an_episode_ends_on_a_timeout_on_max_turns_and_on_its_token_budget():
@@ -189,3 +210,53 @@ def test_grpo_samples_shows_an_episode_turn_by_turn():
     assert lines[at - 2] == "  [model turn 1]" and lines[at + 2] == "  [model turn 2]"
     assert lines[at + 1] == "    | <output>12\\x1b[2J</output>"  # model-written control characters shown escaped
     assert "episode: 2 model turn(s), 1 tool call(s)" in out and "\x1b" not in out
+
+
+def test_a_malformed_step_is_that_turns_error_observation_and_the_process_serves_on():
+    from rewards.env_host import answer as serve_one
+    from rewards.envs import Step
+
+    class Odd:
+        def reset(self, row):
+            pass
+
+        def step(self, turn):
+            return {"text": "a Step this is not"} if turn == "dict" else Step(7 if turn == "int" else "ok", info={1: b"x"})
+
+    episodes = {}
+    assert serve_one(Odd, {}, episodes, {"id": 1, "verifier": "odd", "kind": "reset", "episode": 5, "row": {}})["error"] is None
+    for turn, why in (("dict", "AttributeError"), ("int", "must be a str or None, not int")):
+        r = serve_one(Odd, {}, episodes, {"id": 2, "verifier": "odd", "kind": "step", "episode": 5, "turn": turn})
+        assert r["error"] is None and why in r["info"]["observation"] and r["info"]["info"]["tool_error"] == 1
+    r = serve_one(Odd, {}, episodes, {"id": 3, "verifier": "odd", "kind": "step", "episode": 5, "turn": "fine"})
+    assert r["info"] == {"observation": "ok", "done": False, "info": {"1": "x"}}  # plain data only
+
+
+def test_the_multiplication_task_and_its_tool_cold_start_targets(tmp_path):
+    """data.task=multiplication: a*b rows; with the python tool, the cold start's target is
+    an episode whose observation (exactly what the tool prints) carries no loss."""
+    from cluster.commands.sft import tokenize
+    from cluster.config import load_config
+    from cluster.data import arithmetic_split
+    from learner.config import TinyModelConfig
+    from learner.tiny_model import build_tiny_model
+    from rewards.envs import PythonTool
+
+    data = load_config(None, ["data.task=multiplication", "data.max_operand=99"]).data
+    split = arithmetic_split(data)
+    assert sum(map(len, split.values())) == 100 * 100 and split == arithmetic_split(data)
+    row = split["sft"][0]
+    a, b = map(int, row["prompt"][:-1].split("*"))
+    assert row["answer"] == str(a * b) and row["reference"] == f"<answer>{a * b}</answer>"
+    (call, _), (output, by_model), _ = row["tool_reference"]
+    assert by_model == 0 and PythonTool().step(call).observation == output  # the tool's own answer, to the byte
+    model = build_tiny_model(tmp_path / "m", TinyModelConfig(seed=1))
+    [(prompt, ids, mask), (_, plain_ids)] = tokenize(str(model), [(row["prompt"], row["tool_reference"]),
+                                                                  (row["prompt"], row["reference"])])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    hidden = [t for t, m in zip(ids, mask) if not m]
+    assert hidden == tok(output, add_special_tokens=False)["input_ids"] and len(mask) == len(ids)
+    assert mask.index(0) == len(tok(call, add_special_tokens=False)["input_ids"])
+    assert ids[-1] == plain_ids[-1] == tok.eos_token_id and tok.decode(plain_ids[:-1]) == row["reference"]
