@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import traceback
 
 from rewards import budget
 from rewards.api import VerifierError, resolve, run_one
-from rewards.protocol import ANSWER_CLASSES, SCORE, ProtocolError, check_request, read_frame, write_frame
+from rewards.protocol import ANSWER_CLASSES, SCORE, ProtocolError, check_request, serve_requests, write_frame
+from rewards.spawn import child_stdout
 from rewards.verifiers import VERIFIERS, classes_of
 
 
@@ -83,32 +83,12 @@ def serve(specs: dict[str, dict], stdin, stdout) -> None:
         write_frame(stdout, {"ready": False, "error": str(e), "pid": os.getpid()})
         return
     write_frame(stdout, {"ready": True, "pid": os.getpid()})
-    while True:
-        try:
-            request = read_frame(stdin)
-        except ProtocolError as e:
-            write_frame(stdout, {"id": -1, "score": 0.0, "info": {}, "error": f"protocol: {e}"})
-            return
-        if request is None:
-            return
-        response = answer(verifiers, request)
-        try:
-            write_frame(stdout, response)
-        except (ProtocolError, TypeError, ValueError) as e:  # info that msgpack cannot carry
-            write_frame(stdout, {"id": request.get("id"), "score": 0.0, "info": {}, "error": f"bad result: {e}"})
+    serve_requests(stdin, stdout, lambda request: answer(verifiers, request))
 
 
 def main() -> None:
     specs = json.loads(sys.argv[1])
-    memory_mb = int(os.environ.get("GRPO_VERIFIER_MEMORY_MB", "0"))
-    if memory_mb:
-        limit = memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # The protocol owns the real stdout; anything a verifier prints goes to stderr.
-    protocol_out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    serve(specs, sys.stdin.buffer, protocol_out)
+    serve(specs, sys.stdin.buffer, child_stdout())
 
 
 if __name__ == "__main__":

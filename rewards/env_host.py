@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import threading
 import time
@@ -26,7 +25,8 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rewards.protocol import CLOSE, RESET, STEP, ProtocolError, check_request, plain, read_frame, write_frame
+from rewards.protocol import CLOSE, RESET, STEP, ProtocolError, check_request, plain, serve_requests, write_frame
+from rewards.spawn import child_stdout
 
 ERROR_CHARS = 500
 """An environment's error, as the observation of the turn that raised it, is cut to this."""
@@ -88,30 +88,11 @@ def serve(spec: dict, stdin, stdout) -> None:
         return
     write_frame(stdout, {"ready": True, "pid": os.getpid()})
     episodes: dict[int, Any] = {}
-    while True:
-        try:
-            request = read_frame(stdin)
-        except ProtocolError as e:
-            write_frame(stdout, {"id": -1, "score": 0.0, "info": {}, "error": f"protocol: {e}"})
-            return
-        if request is None:
-            return
-        response = answer(cls, spec.get("args") or {}, episodes, request)
-        try:
-            write_frame(stdout, response)
-        except (ProtocolError, TypeError, ValueError) as e:
-            write_frame(stdout, _response(request, f"bad result: {e}"))
+    serve_requests(stdin, stdout, lambda request: answer(cls, spec.get("args") or {}, episodes, request))
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
-    memory_mb = int(os.environ.get("GRPO_VERIFIER_MEMORY_MB", "0"))
-    if memory_mb:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
-    protocol_out = os.fdopen(os.dup(1), "wb")  # the protocol owns the real stdout
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    serve(spec, sys.stdin.buffer, protocol_out)
+    serve(json.loads(sys.argv[1]), sys.stdin.buffer, child_stdout())
 
 
 # ------------------------------------------------------------ the reward worker's side

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numbers
 import struct
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import msgpack
 
@@ -169,3 +169,23 @@ def check_response(obj: dict[str, Any], expected_id: int) -> None:
         raise ProtocolError("response needs a numeric 'score' or an 'error'")
     if not isinstance(obj.get("info") or {}, dict):
         raise ProtocolError("response 'info' must be a map")
+
+
+def serve_requests(stdin: BinaryIO, stdout: BinaryIO, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The loop of a process of ours that serves frames (a verifier process, an
+    environment process), after its ready frame: each request -> answer(request) ->
+    its response, until stdin closes. A frame that does not decode ends it (one error
+    frame first); a response msgpack cannot carry is answered as an error."""
+    while True:
+        try:
+            request = read_frame(stdin)
+        except ProtocolError as e:
+            write_frame(stdout, {"id": -1, "score": 0.0, "info": {}, "error": f"protocol: {e}"})
+            return
+        if request is None:
+            return
+        response = answer(request)
+        try:
+            write_frame(stdout, response)
+        except (ProtocolError, TypeError, ValueError) as e:  # info that msgpack cannot carry
+            write_frame(stdout, {"id": request.get("id"), "score": 0.0, "info": {}, "error": f"bad result: {e}"})

@@ -98,3 +98,19 @@ def die_with_parent() -> Callable[[], None]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return apply
+
+
+def child_stdout():
+    """In a process of ours that serves frames (rewards/child.py, rewards/env_host.py):
+    the address-space limit the reward worker set (GRPO_VERIFIER_MEMORY_MB), and the
+    real stdout kept for the protocol, while anything the code prints goes to stderr.
+    -> the protocol's stream."""
+    import resource
+
+    memory_mb = int(os.environ.get("GRPO_VERIFIER_MEMORY_MB", "0"))
+    if memory_mb:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
+    protocol_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return protocol_out
