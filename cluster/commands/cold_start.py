@@ -18,26 +18,38 @@ from learner.tiny_model import build_tiny_model
 RECIPE_VERSION = 2  # 2: cold start through the learner's DeepSpeed set-up; eval prompts held out
 
 
-def prepare_model(cfg: Config, log=print) -> str:
-    if cfg.model.path is not None:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path: {str(path)!r} is not an HF model directory (no config.json)")
-        return str(path.resolve())
-    tool = cfg.data.task == "multiplication" and cfg.env.name == "python"  # the tool's pattern in the targets
-    task = {} if cfg.data.task in ("arithmetic", None) else {"task": cfg.data.task, "tool": tool}  # default key kept
+def uses_tool(cfg: Config) -> bool:
+    """Whether the cold start's targets are tool episodes (multiplication with the python tool)."""
+    return cfg.data.task == "multiplication" and cfg.env.name == "python"
+
+
+def cold_start_key(cfg: Config) -> str:
+    """The cache name of the cold-started model: a hash of everything that shapes it."""
+    task = {} if cfg.data.task in ("arithmetic", None) else {"task": cfg.data.task, "tool": uses_tool(cfg)}
     key = json.dumps(
         {
             "v": RECIPE_VERSION,
             "tiny": cfg.model.tiny.model_dump(),
             "cold_start": cfg.model.cold_start.model_dump(),
             "data": cfg.data.model_dump(include={"max_operand", "rl_share", "eval_share", "seed"}),
+            # the learner scores at the sampling temperature, the cold start's NLL too: it shapes the model
+            # (two jobs that differ in it once shared a cache entry, whichever built it first)
+            "temperature": cfg.rollout.temperature,
             **task,
         },
         sort_keys=True,
     )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    cached = Path(cfg.run.output_dir) / "_cache" / f"tiny-{digest}"
+    return "tiny-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def prepare_model(cfg: Config, log=print) -> str:
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: {str(path)!r} is not an HF model directory (no config.json)")
+        return str(path.resolve())
+    tool = uses_tool(cfg)
+    cached = Path(cfg.run.output_dir) / "_cache" / cold_start_key(cfg)
     if (cached / "config.json").is_file():
         log(f"model: cached tiny model {cached}")
         return str(cached.resolve())

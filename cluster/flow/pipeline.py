@@ -151,6 +151,7 @@ class RolloutPipeline:
         self._thread: threading.Thread | None = None
         self.first_key = stream.cursor
         self.requeued_since_step = 0
+        self.requeued_turns_since_step = 0  # episodes' turns of a lost generator, sampled again elsewhere
         self.side_requeued = 0  # side-request prompts requeued (not part of the training fates)
 
     # ------------------------------------------------------------ driver side
@@ -221,6 +222,8 @@ class RolloutPipeline:
             info = self._batch_info(state, groups, time.perf_counter() - t0)
             info["groups_stale"] = len(stale)
             info["faults/requeued_prompts"], self.requeued_since_step = self.requeued_since_step, 0
+            if self.episodes is not None:
+                info["faults/requeued_turns"], self.requeued_turns_since_step = self.requeued_turns_since_step, 0
         dropped = {g.key: "no_signal" for g in state.dropped} | {g.key: "stale" for g in stale}
         return Batch(step, groups, sorted(state.kept + state.dropped, key=lambda g: g.key), info, dropped)
 
@@ -368,8 +371,10 @@ class RolloutPipeline:
                     t.side.requeued += 1
             self._orphans += sorted(lost, key=lambda t: (t.batch is None, abs(t.key)))
             trained = sum(t.side is None and t.episode is None for t in lost)
-            if self.episodes is not None:
-                self.episodes.counts["requeued_turns"] += len(lost) - trained
+            turns = sum(t.episode is not None for t in lost)
+            if turns:
+                self.episodes.counts["requeued_turns"] += turns
+                self.requeued_turns_since_step += turns
             self.fates["requeued"] += trained
             self.requeued_since_step += trained
             self._dispatch()

@@ -139,3 +139,43 @@ def test_chaos_an_environment_process_dies_a_tool_call_and_a_step_hang(ray_sessi
         pipe.close()
     finally:
         sup.close()  # its probe thread must not call Ray after the module's Ray is shut down
+
+
+def test_a_generator_lost_mid_episode_has_its_turns_sampled_again(ray_session, chat_model):
+    """The generator is killed once some episodes are past their first turn: the
+    supervisor replaces it, the turns it held are sampled again (same seeds, the same ids
+    in), and every episode still ends whole, token in / token out."""
+    import threading
+    import time
+
+    from cluster.actors.supervisor import Supervisor
+
+    path, tok = chat_model
+    cfg, factory = start(path, ["env.name=tests.reward_plugins:TwoTurns", "faults.health_interval_s=0.5"])
+    gens, workers = factory.generators(), factory.reward_workers()
+    ray.get([a.ready.remote() for a in gens + workers])
+    victim = gens[0]
+    sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, factory, gens, None, 0, lambda m: None)
+    try:
+        pipe = side(cfg, gens, workers, tok, sup)
+        rows = [{"prompt": f"{i}*{i + 1}=", "answer": str(i * (i + 1))} for i in range(24)]
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.update(groups=pipe.sample(
+            rows, [sample_seeds(0, "eval", i, 2) for i in range(24)], {"top_p": 1.0}, timeout_s=300)))
+        t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(e.turns for e in list(pipe.episodes.episodes.values())):
+            time.sleep(0.01)
+        ray.kill(victim)  # some episodes are mid-way: a turn sampled, the next one coming
+        t.join(timeout=320)
+        groups = out["groups"]
+        assert [len(g.samples) for g in groups] == [2] * 24
+        assert pipe.episodes.counts["requeued_turns"] >= 1 and sup.generators[0] is not victim
+        for g in groups:
+            assert g.episode["turns"] == [2, 2] and g.episode["outcome"] == ["done", "done"]
+            for s in g.samples:  # the observation between two model turns, whichever engine sampled them
+                mask = s.loss_mask
+                assert mask is not None and mask.count(0) == len(OBS_IDS(tok)) and mask[0] == 1 == mask[-1]
+        pipe.close()
+    finally:
+        sup.close()

@@ -260,3 +260,20 @@ def test_the_multiplication_task_and_its_tool_cold_start_targets(tmp_path):
     assert hidden == tok(output, add_special_tokens=False)["input_ids"] and len(mask) == len(ids)
     assert mask.index(0) == len(tok(call, add_special_tokens=False)["input_ids"])
     assert ids[-1] == plain_ids[-1] == tok.eos_token_id and tok.decode(plain_ids[:-1]) == row["reference"]
+
+
+def test_the_cold_start_cache_key_covers_what_shapes_the_model():
+    """Two jobs share a cold-started model only when it would be the same model: the
+    sampling temperature (the SFT loss is taken at it), the task and the tool change it;
+    RL-only settings do not."""
+    from cluster.commands.cold_start import cold_start_key
+    from cluster.config import load_config
+
+    def key(*overrides):
+        return cold_start_key(load_config(None, list(overrides)))
+
+    base = key()
+    assert key("rollout.n=4", "run.prompts_per_step=8", "env.name=retry",
+               "env.external={command: [x]}") == base  # RL only: the same cold start
+    assert key("rollout.temperature=0.7") != base
+    assert len({base, key("data.task=multiplication"), key("data.task=multiplication", "env.name=python")}) == 3
