@@ -134,8 +134,14 @@ def test_a_partial_rollout_update_lands_mid_sequence(stack):
     cfg, gens, learners = stack
     version = ray.get(gens[0].ready.remote())["version"]
     jobs = [(100 + i, {"prompt": "1+1="}, sample_seeds(0, "partial", i, 4)) for i in range(4)]
+    steps = ray.get(gens[0].health.remote())["steps"]
     ray.get(gens[0].submit.remote(jobs, {"max_tokens": 200}))  # random weights: long completions
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the engine is sampling these (a fixed sleep raced a busy machine)
+        h = ray.get(gens[0].health.remote())
+        if h["steps"] >= steps + 2 and h["load"] > 0:
+            break
+        time.sleep(0.005)
     learners.push(version + 1)  # lands between two engine steps while the samples are in flight
     groups = []
     while len(groups) < 4:
