@@ -40,18 +40,24 @@ def preflight_external(cfg: RewardConfig) -> None:
     -> VerifierError naming it, before any actor starts. The probe is a score request of
     an empty completion with no fields: any answer, an error answer included, passes."""
     for name, ext in cfg.external.items():
-        peer = external_peer(name, ext)
         timeout = (cfg.spec(name).timeout_s if name in cfg.verifiers else None) or cfg.timeout_s
-        try:
-            if isinstance(peer, ProcessPeer):
-                peer.start()  # the ready handshake, when configured, has its own deadline
-            result = peer.send({"verifier": ext.verifier or name, "completion": "", "fields": {}}, timeout)
-        except OSError as e:
-            raise VerifierError(f"external verifier {name!r} cannot start {ext.command}: {e}") from None
-        finally:
-            peer.close()
-        if peer.restarts:  # the peer itself failed (an answer, even an error, never resets it)
-            raise VerifierError(f"external verifier {name!r} did not answer a probe request: {result['error']}")
+        _probe(external_peer(name, ext), {"verifier": ext.verifier or name, "completion": "", "fields": {}}, timeout,
+               f"external verifier {name!r}", ext.command)
+
+
+def _probe(peer: Peer, request: dict[str, Any], timeout_s: float, what: str, command: list[str] | None) -> None:
+    """Start (or reach) `peer`, send it one request, stop it: any answer, an error answer
+    included, passes; a peer that cannot start or does not answer -> VerifierError naming `what`."""
+    try:
+        if isinstance(peer, ProcessPeer):
+            peer.start()  # the ready handshake, when configured, has its own deadline
+        result = peer.send(request, timeout_s)
+    except OSError as e:
+        raise VerifierError(f"{what} cannot start {command}: {e}") from None
+    finally:
+        peer.close()
+    if peer.restarts:  # the peer itself failed (an answer, even an error, never resets it)
+        raise VerifierError(f"{what} did not answer a probe request: {result['error']}")
 
 
 def preflight_env(env: EnvConfig) -> None:
@@ -71,17 +77,8 @@ def preflight_env(env: EnvConfig) -> None:
         except Exception as e:
             raise VerifierError(f"env.args: environment {env.name!r} refused {env.args}: {type(e).__name__}: {e}") from None
         return
-    peer = external_peer(env.name, env.external)
-    try:
-        if isinstance(peer, ProcessPeer):
-            peer.start()
-        result = peer.send({"verifier": env.name, "kind": "close", "episode": -1}, env.timeout_s)
-    except OSError as e:
-        raise VerifierError(f"external environment {env.name!r} cannot start {env.external.command}: {e}") from None
-    finally:
-        peer.close()
-    if peer.restarts:
-        raise VerifierError(f"external environment {env.name!r} did not answer a probe request: {result['error']}")
+    _probe(external_peer(env.name, env.external), {"verifier": env.name, "kind": "close", "episode": -1},
+           env.timeout_s, f"external environment {env.name!r}", env.external.command)
 
 
 class RewardWorker:

@@ -21,6 +21,7 @@ the verifiers score each episode's whole text; the environment's own reward is a
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,9 +38,7 @@ a late answer of an earlier attempt never lands on its re-run."""
 
 def _count(value: Any) -> int:
     """An environment's count in `info` (tool_call, tool_error): a finite number, else 0."""
-    if isinstance(value, bool):
-        return int(value)
-    return int(value) if isinstance(value, (int, float)) and value == value and abs(value) != float("inf") else 0
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0
 
 
 @dataclass
@@ -198,6 +197,11 @@ class Conductor:
             busiest = max(Counter(r["episode"] % self.s.concurrency for _, r in calls).values())
             self.pending[ref] = (w, [r["episode"] for _, r in calls], start + self.s.deadline_s(busiest))
 
+    def _current(self, key: int) -> Episode | None:
+        """The episode whose current attempt `key` names (None: gone, or an earlier attempt)."""
+        e = self.episodes.get(key & (1 << ID_BITS) - 1)
+        return e if e is not None and e.env_key == key else None
+
     def env_done(self, ref: Any, results: list[dict[str, Any]]) -> tuple[list[TurnRequest], list[int]]:
         """A reward worker's answers -> (turns to sample, prompts whose episodes are all over)."""
         w, keys, _ = self.pending.pop(ref)
@@ -205,8 +209,8 @@ class Conductor:
         for key, r in zip(keys, results, strict=True):
             if r["episode"] != key:
                 raise BoundaryError(f"reward worker {w}: answered episode {r['episode']} for {key}")
-            e = self.episodes.get(key & (1 << ID_BITS) - 1)
-            if e is None or e.env_key != key or e.sample is not None:  # an earlier attempt's, or a closing call's
+            e = self._current(key)
+            if e is None or e.sample is not None:  # an earlier attempt's answer, or a closing call's
                 continue
             e.stats["env_seconds"] += r["seconds"]
             turns += self._answer(e, r, finished)
@@ -219,7 +223,7 @@ class Conductor:
             e.stats["timeouts" if r["kind"] == "timeout" else "errors"] += 1
             return self._end(e, r["kind"], finished)
         reward = r["reward"]
-        if not isinstance(reward, (int, float)) or reward != reward or abs(reward) == float("inf"):
+        if not isinstance(reward, (int, float)) or not math.isfinite(reward):
             raise BoundaryError(f"reward worker {e.worker}: episode {e.id}: a non-finite environment reward {reward!r}")
         e.reward += float(reward)
         e.stats["tool_calls"] += _count(r["info"].get("tool_call", 0))
@@ -267,8 +271,8 @@ class Conductor:
         for ref in [r for r, (worker, _, _) in self.pending.items() if worker == w]:
             _, keys, _ = self.pending.pop(ref)
             for key in keys:
-                e = self.episodes.get(key & (1 << ID_BITS) - 1)
-                if e is not None and e.env_key == key and e.sample is None:
+                e = self._current(key)
+                if e is not None and e.sample is None:
                     turns += self._rerun(e, finished)
         return turns, finished
 
