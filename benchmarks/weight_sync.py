@@ -36,9 +36,9 @@ class RawPeer:
         self.buffers: list[Any] = []
 
     def free_port(self) -> int:
-        from vllm.utils.network_utils import get_open_port
+        from rollout.weight_sync import rendezvous_port
 
-        return get_open_port()
+        return rendezvous_port()
 
     def address(self) -> str:
         import ray

@@ -19,7 +19,7 @@ from learner.lora import adapter_config, adapter_entries, is_peft, push_entries
 from rollout import delta
 from rollout.config import WeightSyncConfig
 from rollout.buckets import TensorMeta, pack, plan_buckets
-from rollout.weight_sync import WeightSyncClient, broadcast_async, close_group, open_group, update_info
+from rollout.weight_sync import WeightSyncClient, broadcast_async, close_group, open_group, rendezvous_port, update_info
 
 
 def parameter_metas(module: torch.nn.Module) -> list[TensorMeta]:
@@ -62,10 +62,9 @@ class WeightBroadcaster:
         """Rendezvous with every generator worker (both sides must join at once), on this
         node's address (or sync.master_address), never a loopback others cannot reach."""
         import ray
-        from vllm.utils.network_utils import get_open_port
 
         host = self.cfg.master_address or ray.util.get_node_ip_address()
-        port = self.cfg.master_port or get_open_port()
+        port = self.cfg.master_port or rendezvous_port()
         init_info = {"master_address": host, "master_port": port, "backend": self.cfg.backend,
                      "timeout_s": self.cfg.timeout_s}
         pending = self._pool.submit(self.client.init_weight_transfer_engine, init_info)

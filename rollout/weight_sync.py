@@ -15,6 +15,8 @@ world = TP * PP of one engine (`rank_offset` carries `1 + i * world`).
 from __future__ import annotations
 
 import logging
+import random
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +30,30 @@ from rollout.buckets import ENGINE_NAME, TensorMeta, plan_buckets, unpack, vllm_
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+def rendezvous_port(host: str = "") -> int:
+    """A free TCP port for a rendezvous store, picked below the kernel's ephemeral range
+    (/proc/sys/net/ipv4/ip_local_port_range): a port-0 bind (vLLM's get_open_port, Ray's
+    workers) or an outgoing connection lands in that range, and could take the port
+    between this pick and the store's listen (EADDRINUSE, seen in CI). Ray's own worker
+    ports sit at 10002-19999, so the pick is from 20000 up to the range's start."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    top = low - 1 if low > 21000 else 65535  # an unusual range: fall back to above it
+    bottom = 20000 if low > 21000 else 61000
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(bottom, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise OSError(f"no free port in {bottom}-{top} after 200 tries")
 
 
 def open_group(

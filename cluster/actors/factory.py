@@ -45,9 +45,9 @@ def generator_options(rollout: RolloutConfig, cluster: ClusterConfig, index: int
 @ray.remote
 def address_and_port(local: bool) -> tuple[str, int]:
     """An address of this node (loopback when `local`) and a free port on it."""
-    from vllm.utils.network_utils import get_open_port
+    from rollout.weight_sync import rendezvous_port
 
-    return ("127.0.0.1" if local else ray.util.get_node_ip_address()), get_open_port()
+    return ("127.0.0.1" if local else ray.util.get_node_ip_address()), rendezvous_port()
 
 
 class ActorFactory:

@@ -73,3 +73,20 @@ def test_delta_encoding_brings_the_receiver_bit_equal_in_the_fewest_bytes():
                                                                  torch.zeros(100).bfloat16()])
     with pytest.raises(ValueError, match="few reports 300 changed elements of 256"):
         delta.wire(metas, [0, 300, 0, 0, 0])
+
+
+def test_rendezvous_port_is_free_and_outside_the_ephemeral_range():
+    """A rendezvous port is never one a port-0 bind or an outgoing connection could take
+    between its pick and the store's listen (CI: EADDRINUSE at the learner's TCPStore)."""
+    import socket
+
+    from rollout.weight_sync import rendezvous_port
+
+    low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    ports = {rendezvous_port() for _ in range(50)}
+    assert len(ports) > 40  # random picks, not one fixed port two jobs would share
+    for port in ports:
+        assert not low <= port <= high and port >= 20000, port
+    port = rendezvous_port()
+    with socket.socket() as s:
+        s.bind(("", port))  # free when handed out
