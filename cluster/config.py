@@ -173,8 +173,10 @@ class ClusterConfig(Section):
     at once (run.max_staleness > 0 overlaps them). colocated: generator i shares the
     devices of learner rank i (one pair per rank): the phases take turns (generate, score,
     train, push), so run.max_staleness must be 0; on CPU each pair's actors are bound to
-    all of the pair's cores, and their idle threads soon sleep (GOMP_SPINCOUNT); not yet on
-    GPUs (refused at load). The default job on 2 cores:
+    all of the pair's cores, and their idle threads soon sleep (GOMP_SPINCOUNT); on GPUs a
+    pair shares one GPU (generator_gpus + learner_gpus <= 1), the engine sleeps (vLLM's
+    sleep mode) while the learner trains, and the weights travel by CUDA IPC
+    (sync.transport=shared): unverified, no GPU machine ran it. The default job on 2 cores:
     1.74 s/step disaggregated at S=1, 1.96 colocated, 2.37 disaggregated at S=0."""
     address: str | None = None
     """Ray address to join; None starts Ray locally (or joins the cluster a
@@ -277,9 +279,17 @@ def _check_colocated(cfg: "Config") -> None:
                          f"{cfg.run.max_staleness}), or use placement=disaggregated to overlap them")
     if cfg.rollout.tensor_parallel_size > 1:
         raise ValueError("cluster.placement=colocated: rollout.tensor_parallel_size > 1 is not supported yet")
-    if cfg.cluster.generator_gpus or cfg.cluster.learner_gpus:
-        raise ValueError("cluster.placement=colocated on GPUs is not supported yet: the weights would need CUDA IPC "
-                         "(NCCL refuses two ranks on one GPU); use placement=disaggregated (README, Placement)")
+    c = cfg.cluster
+    if c.generator_gpus or c.learner_gpus:  # unverified: no GPU machine has run it (README, Placement)
+        if not (0 < c.generator_gpus and 0 < c.learner_gpus and c.generator_gpus + c.learner_gpus <= 1):
+            raise ValueError(f"cluster.placement=colocated on GPUs: a pair shares one GPU, so cluster.generator_gpus "
+                             f"and cluster.learner_gpus must both be > 0 and add up to <= 1 (got {c.generator_gpus:g} "
+                             f"+ {c.learner_gpus:g})")
+        if cfg.sync.transport == "collective":
+            raise ValueError("cluster.placement=colocated on GPUs: sync.transport=collective would put two NCCL ranks "
+                             "on one GPU, which NCCL refuses; use sync.transport=shared (CUDA IPC) or auto")
+    elif cfg.sync.transport == "shared" and cfg.sync.backend == "nccl":
+        raise ValueError("sync.transport=shared on CPU uses /dev/shm, not sync.backend=nccl: set sync.backend=gloo")
     if cfg.rollout.num_generators != cfg.learner.num_ranks:
         raise ValueError(f"cluster.placement=colocated pairs generator i with learner rank i: "
                          f"rollout.num_generators ({cfg.rollout.num_generators}) must equal learner.num_ranks "

@@ -18,7 +18,8 @@ import torch
 from learner.lora import adapter_config, adapter_entries, is_peft, push_entries
 from rollout import delta
 from rollout.config import WeightSyncConfig
-from rollout.buckets import TensorMeta, pack, plan_buckets
+from rollout.buckets import TensorMeta, bucket_layout, pack, plan_buckets
+from rollout.shared import SharedBuffer
 from rollout.weight_sync import WeightSyncClient, broadcast_async, close_group, open_group, rendezvous_port, update_info
 
 
@@ -48,6 +49,7 @@ class WeightBroadcaster:
         self.adapter = adapter  # learner.lora.push=adapter: the adapter tensors alone travel
         self.client = client
         self.group = None
+        self.connected = False
         self.bucket_bytes = int(cfg.bucket_mb * 2**20)
         self._pool = ThreadPoolExecutor(max_workers=1)
         # Two pack buffers, kept across syncs (one packs while the other is sent):
@@ -57,12 +59,20 @@ class WeightBroadcaster:
         # this group; a new broadcaster (a new group) starts with a full push
         self._last: list[torch.Tensor] | None = None
         self._seq = 0
+        # sync.transport=shared: the buffer the generators open by handle (no group)
+        self.shared = SharedBuffer(next(module.parameters()).device) if cfg.transport == "shared" else None
 
     def connect(self, world_size: int) -> None:
         """Rendezvous with every generator worker (both sides must join at once), on this
         node's address (or sync.master_address), never a loopback others cannot reach."""
         import ray
 
+        if self.shared is not None:  # no group: each generator checks it runs on this node
+            self.client.init_weight_transfer_engine({"transport": "shared", "node_id": ray.get_runtime_context().get_node_id(),
+                                                     "master_address": "", "master_port": 0, "backend": self.cfg.backend,
+                                                     "timeout_s": self.cfg.timeout_s})
+            self.connected = True
+            return
         host = self.cfg.master_address or ray.util.get_node_ip_address()
         port = self.cfg.master_port or rendezvous_port()
         init_info = {"master_address": host, "master_port": port, "backend": self.cfg.backend,
@@ -70,6 +80,7 @@ class WeightBroadcaster:
         pending = self._pool.submit(self.client.init_weight_transfer_engine, init_info)
         self.group = open_group(host, port, 0, world_size, self.cfg.backend, self.cfg.timeout_s)
         pending.result(timeout=self.cfg.timeout_s)
+        self.connected = True
 
     @torch.no_grad()
     def send(self, version: int) -> dict[str, float]:
@@ -78,7 +89,7 @@ class WeightBroadcaster:
         changed since the previous one (rollout/delta.py); a new group (reconnect: a
         replaced generator, a new learner) or a failed push starts again from a full one."""
         sender = self.client is not None
-        if sender and self.group is None:
+        if sender and not self.connected:
             raise RuntimeError("WeightBroadcaster.connect() must run before send()")
         t0 = time.perf_counter()
         entries = adapter_entries(self.module) if self.adapter else push_entries(self.module)
@@ -124,6 +135,8 @@ class WeightBroadcaster:
         """Send `metas` (values from `value(i)`) as packed buckets, one broadcast each,
         while the generators receive (`info`: None on the ranks that only join ZeRO-3's
         gathers); -> bytes sent."""
+        if self.shared is not None:
+            return self._stream_shared(version, info, metas, value, sources)
         sender = info is not None
         if sender:
             self.client.start_weight_update()
@@ -156,6 +169,29 @@ class WeightBroadcaster:
             self.client.finish_weight_update(version)
         return nbytes
 
+    def _stream_shared(self, version: int, info: dict[str, Any] | None, metas: list[TensorMeta],
+                       value: Callable[[int], torch.Tensor], sources: Callable[[list[int]], list[torch.nn.Parameter]]) -> int:
+        """sync.transport=shared: every bucket packed into the exported buffer (the layout
+        the receivers' arena uses), then one update call hands them its handle; the
+        buffer is not touched again until every generator has copied it out."""
+        sender = info is not None
+        buckets = plan_buckets(metas, self.bucket_bytes)
+        sizes = [sum(metas[i].nbytes for i in bucket) for bucket in buckets]
+        starts, total = bucket_layout(sizes)
+        buffer = self.shared.get(total) if sender else None
+        if sender:
+            self.client.start_weight_update()
+        for bucket, start, size in zip(buckets, starts, sizes):
+            with gathered(sources(bucket)):
+                if sender:
+                    pack([value(i) for i in bucket], buffer[start:start + size])
+        if sender:
+            if buffer.device.type == "cuda":
+                torch.cuda.synchronize(buffer.device)  # written before another process reads it
+            self.client.update_weights({**info, "shared": self.shared.handle()})
+            self.client.finish_weight_update(version)
+        return sum(sizes) if sender else 0
+
     def _pack_buffer(self, slot: int, nbytes: int, device: torch.device) -> torch.Tensor:
         buf = self._pack_buffers[slot]
         if buf is None or buf.numel() < nbytes or buf.device != device:
@@ -164,7 +200,9 @@ class WeightBroadcaster:
         return buf
 
     def close(self) -> None:
-        if self.group is not None:
+        if self.shared is not None:
+            self.shared.close()
+        elif self.group is not None:
             close_group(self.group)
-            self.group = None
+        self.group, self.connected = None, False
         self._pool.shutdown(wait=False)

@@ -61,8 +61,8 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
 
 def pack(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     """Concatenate the tensors' bytes into one flat uint8 tensor on their device
-    (into the front of `out` when given; a lone tensor is sent as it is, no copy)."""
-    if len(tensors) == 1:
+    (into the front of `out` when given; a lone tensor without `out` is sent as it is, no copy)."""
+    if len(tensors) == 1 and out is None:
         return tensors[0].contiguous().view(-1).view(torch.uint8)
     flat = [t.contiguous().view(-1).view(torch.uint8) for t in tensors]
     if out is None:
@@ -86,3 +86,13 @@ def unpack(flat: torch.Tensor, metas: list[TensorMeta]) -> list[tuple[str, torch
     if offset != flat.numel():
         raise ValueError(f"bucket holds {flat.numel()} bytes, metadata describes {offset}")
     return out
+
+
+def bucket_layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Where each bucket starts in one buffer holding them all, each 64-byte aligned (so
+    its tensors' views are too); -> (starts, total bytes). The receiver's kept arena and
+    the sender's shared buffer (sync.transport=shared) use the same layout."""
+    starts = [0]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + -(-size // 64) * 64)
+    return starts, (starts[-1] + sizes[-1] if sizes else 0)

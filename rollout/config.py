@@ -73,6 +73,12 @@ class RolloutConfig(Section):
 class WeightSyncConfig(Section):
     backend: Literal["gloo", "nccl"] = "gloo"
     """torch.distributed backend of the learner->generator group: gloo on CPU, nccl on GPUs."""
+    transport: Literal["auto", "collective", "shared"] = "auto"
+    """How the bytes of a push travel. collective: bucketed broadcasts over the group above
+    (any generator anywhere). shared: the learner exports one buffer that generators on its
+    node open by handle (a /dev/shm file on CPU, a CUDA IPC handle on GPUs, where NCCL
+    refuses two ranks on one GPU) and copy out; no group (rollout/shared.py). auto:
+    shared for cluster.placement=colocated, collective otherwise."""
     bucket_mb: float = Field(64.0, gt=0.0)
     """Tensors are packed into flat buffers of at most this size (a larger tensor
     travels alone); one broadcast per bucket."""

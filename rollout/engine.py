@@ -28,17 +28,20 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The max_lora_rank values vLLM accepts."""
 
 
-def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank: int = 0) -> dict[str, Any]:
+def engine_kwargs(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank: int = 0,
+                  sleep_mode: bool = False) -> dict[str, Any]:
     """Arguments of the engine's `vllm.LLM(...)` (benchmarks build raw engines from these too).
     lora_rank > 0: the engine serves a LoRA adapter of that rank (learner.lora.push=adapter;
-    vLLM's CPU build then turns compilation off)."""
+    vLLM's CPU build then turns compilation off). sleep_mode: vLLM's sleep mode (CUDA only;
+    colocated on GPUs)."""
     lora = {}
     if lora_rank:
         rank = next((r for r in LORA_RANKS if r >= lora_rank), None)
         if rank is None:
             raise ValueError(f"learner.lora.rank={lora_rank}: vLLM serves adapters of rank <= {LORA_RANKS[-1]}")
         lora = dict(enable_lora=True, max_lora_rank=rank, max_loras=1, max_cpu_loras=2)
-    return dict(**lora,
+    sleep = {"enable_sleep_mode": True} if sleep_mode else {}
+    return dict(**lora, **sleep,
         model=model_path,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
@@ -87,14 +90,15 @@ def sample_params(cfg: RolloutConfig, seed: int, sampling: dict[str, Any] | None
                           stop_token_ids=list(stop_ids or []))
 
 
-def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank: int = 0) -> Any:
+def start_engine(model_path: str, cfg: RolloutConfig, index: int = 0, lora_rank: int = 0,
+                 sleep_mode: bool = False) -> Any:
     """A vLLM engine in this process, with ENGINE_ENV applied first."""
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
     from vllm import LLM
 
-    return LLM(**engine_kwargs(model_path, cfg, index, lora_rank))
+    return LLM(**engine_kwargs(model_path, cfg, index, lora_rank, sleep_mode))
 
 
 def cpu_platform() -> bool:

@@ -31,16 +31,19 @@ __all__ = ["ENGINE_ENV", "Generator", "GeneratorError"]  # ENGINE_ENV and the er
 
 class Generator:
     def __init__(self, model_path: str, cfg: RolloutConfig, index: int = 0, version: int = 0,
-                 lora_rank: int = 0) -> None:
+                 lora_rank: int = 0, sleep_mode: bool = False) -> None:
         """lora_rank > 0 (learner.lora.push=adapter): the engine serves the adapter each push
         brings on top of the base model; an update then waits for the requests in flight
-        (a request's adapter is fixed when it starts)."""
+        (a request's adapter is fixed when it starts). sleep_mode (colocated on GPUs): the
+        engine can give its GPU memory to the learner between phases (`sleep`)."""
         redirect_output_from_env()
         self.cores = pin_from_env()
         self.cfg = cfg
         self.index = index
         t0 = time.perf_counter()
-        self.llm = start_engine(model_path, cfg, index, lora_rank)
+        self.llm = start_engine(model_path, cfg, index, lora_rank, sleep_mode)
+        self.sleep_mode = sleep_mode
+        self.asleep: set[str] = set()  # what vLLM's sleep freed and no wake_up brought back yet
         self.serves_adapter = bool(lora_rank)
         self.llm.update_weight_version(str(version))
         self.init_seconds = time.perf_counter() - t0
@@ -52,6 +55,7 @@ class Generator:
     def submit(self, jobs: list[tuple[int, dict[str, Any], list[int]]], sampling: dict[str, Any] | None = None) -> int:
         """Queue prompts to sample: (key, row, seeds) each, one sample per seed.
         Finished groups are picked up with `collect`. -> samples now queued or in flight."""
+        self._wake("weights", "kv_cache")
         return self.loop.submit(jobs, sampling)
 
     def collect(self, timeout_s: float = 1.0) -> list[Group]:
@@ -62,7 +66,26 @@ class Generator:
                  timeout_s: float | None = None) -> list[Group]:
         """Sample every row (seeds[i]: one seed per sample of row i) and wait for all;
         -> one Group per row, in order (key = the row's index)."""
+        self._wake("weights", "kv_cache")
         return self.loop.generate(rows, seeds, sampling, timeout_s)
+
+    def sleep(self) -> bool:
+        """Colocated on GPUs, while the learner trains: vLLM's sleep mode (level 1) frees the
+        KV cache and offloads the weights to host memory, once the requests in flight are
+        done. A push wakes the weights first and the KV cache after it; sampling wakes both.
+        -> whether the engine sleeps (False without sleep_mode: CPU engines have no sleep
+        mode, and do not need one, since memory is not what a CPU pair shares)."""
+        if not self.sleep_mode or self.asleep:
+            return bool(self.asleep)
+        self.loop.run(lambda: self.llm.sleep(level=1), drain=True)
+        self.asleep = {"weights", "kv_cache"}
+        return True
+
+    def _wake(self, *tags: str) -> None:
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            self.loop.run(lambda: self.llm.wake_up(tags=todo))
+            self.asleep -= set(todo)
 
     def abort_all(self) -> int:
         """Drop every queued and in-flight prompt (their groups never arrive). -> prompts dropped."""
@@ -105,13 +128,21 @@ class Generator:
     # The learner drives these four through rollout.weight_sync.WeightSyncClient; what
     # differs between CPU and GPU engines is the receiver's (rollout/receivers/).
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self.sync_peer = f"{init_info['master_address']}:{init_info['master_port']}"
+        if init_info.get("transport") == "shared":  # the learner's buffer is opened on this node only
+            if init_info.get("node_id") != node_id():
+                raise GeneratorError(f"generator {self.index}: sync.transport=shared needs the learner's rank 0 on this "
+                                     f"node ({node_id()}), it runs on {init_info.get('node_id')!r}: use "
+                                     f"sync.transport=collective, or cluster.placement=colocated on one node")
+            self.sync_peer = f"shared@{init_info['node_id'][:12]}"
+        else:
+            self.sync_peer = f"{init_info['master_address']}:{init_info['master_port']}"
         self.loop.run(lambda: self.llm.init_weight_transfer_engine({"init_info": init_info}))
 
     def start_weight_update(self) -> None:
         """Without rollout.partial, no new request starts from here until the update has
         landed, which waits for the requests in flight to finish."""
         t0 = time.perf_counter()
+        self._wake("weights")  # the offloaded weights back in place, for the new ones to overwrite
         self.receiver.start()
         self.loop.time("sync/start", time.perf_counter() - t0)
 
@@ -134,6 +165,7 @@ class Generator:
 
         t0 = time.perf_counter()
         self.loop.run(finish, drain=self.receiver.drain_before_load)
+        self._wake("kv_cache")
         workers = self.llm.collective_rpc("weight_sync_timings")
         for key in ("sync/wait", "sync/load"):  # inside the engine: the slowest worker's
             self.loop.time(key, max(t.get(key, 0.0) for t in workers))

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from rollout import delta
-from rollout.buckets import ENGINE_NAME, TensorMeta, plan_buckets, unpack, vllm_layer
+from rollout.buckets import ENGINE_NAME, TensorMeta, bucket_layout, plan_buckets, unpack, vllm_layer
+from rollout.shared import open_shared
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -141,6 +142,8 @@ class CollectiveInitInfo(WeightTransferInitInfo):
     world_size: int
     backend: str
     timeout_s: float  # sync.timeout_s, sent by the learner
+    transport: str = "collective"  # sync.transport: "shared" opens no group (rollout/shared.py)
+    node_id: str = ""  # shared: the learner's Ray node (the generator checks it shares it)
 
 
 @dataclass
@@ -154,6 +157,7 @@ class CollectiveUpdateInfo(WeightTransferUpdateInfo):
     keep: bool = False
     delta: dict[str, Any] | None = None
     adapter: dict[str, Any] | None = None
+    shared: dict[str, Any] | None = None  # sync.transport=shared: the handle of the learner's buffer
 
     def metas(self) -> list[TensorMeta]:
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -173,6 +177,8 @@ class CollectiveWeightTransferEngine(
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
         self.group: ProcessGroup | None = None
+        self.shared = False  # sync.transport=shared: buckets are copied out of the learner's buffer
+        self._source: tuple[Any, torch.Tensor] | None = None  # (its handle's identity, the buffer opened)
         self.timings: dict[str, float] = {}
         self.buffers: dict[str, torch.Tensor] = {}  # "arena": full pushes, "delta": delta pushes
         self.received: list[list[tuple[str, torch.Tensor]]] | None = None
@@ -187,6 +193,9 @@ class CollectiveWeightTransferEngine(
     def init_transfer_engine(self, init_info: CollectiveInitInfo) -> None:
         self.shutdown()  # re-initialising (e.g. a new set of generators) leaves the old group
         self.mirror, self.mirror_seq = None, -1  # a new group starts with a full push
+        self.shared = init_info.transport == "shared"
+        if self.shared:
+            return
         pc = self.parallel_config
         rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
         self.group = open_group(
@@ -218,8 +227,11 @@ class CollectiveWeightTransferEngine(
             torch.cuda.synchronize(self.device)
 
     def _buckets(self, metas: list[TensorMeta], info: CollectiveUpdateInfo) -> tuple[list[list[TensorMeta]], list[int]]:
-        if self.group is None:
+        if self.group is None and not self.shared:
             raise RuntimeError("weight transfer not initialised: call init_weight_transfer_engine")
+        if self.shared != (info.shared is not None):
+            raise RuntimeError(f"update info: this engine was set up for the {'shared' if self.shared else 'collective'} "
+                               f"transport, the push comes by the {'shared' if info.shared else 'collective'} one")
         self.partial = info.partial
         buckets = [[metas[i] for i in b] for b in plan_buckets(metas, info.bucket_bytes)]
         return buckets, [sum(m.nbytes for m in b) for b in buckets]
@@ -228,13 +240,14 @@ class CollectiveWeightTransferEngine(
         """Every bucket of `metas` into the buffer `slot`, kept across syncs: -> the
         tensors, per bucket (views into the buffer)."""
         buckets, sizes = self._buckets(metas, info)
-        starts = [0]
-        for size in sizes[:-1]:  # each bucket 64-byte aligned, so its tensors' views are too
-            starts.append(starts[-1] + -(-size // 64) * 64)
-        arena = self._buffer(slot, starts[-1] + sizes[-1] if sizes else 0)
+        starts, total = bucket_layout(sizes)
+        arena = self._buffer(slot, total)
         flats = [arena[start : start + size] for start, size in zip(starts, sizes)]
-        for work in [broadcast_async(self.group, flat) for flat in flats]:
-            work.wait()
+        if info.shared is not None:  # the same layout in the learner's buffer: one copy
+            arena[:total].copy_(self._shared_source(info.shared, total)[:total])
+        else:
+            for work in [broadcast_async(self.group, flat) for flat in flats]:
+                work.wait()
         return [unpack(flat, b) for flat, b in zip(flats, buckets)]
 
     def receive_into_arena(self, info: CollectiveUpdateInfo) -> None:
@@ -331,6 +344,15 @@ class CollectiveWeightTransferEngine(
             self.load_received()
             return
         buckets, sizes = self._buckets(info.metas(), info)
+        if info.shared is not None:  # GPU, shared: load straight from the learner's buffer
+            t0 = time.perf_counter()
+            starts, total = bucket_layout(sizes)
+            source = self._shared_source(info.shared, total)
+            for bucket_metas, start, size in zip(buckets, starts, sizes):
+                self.begin_reload()
+                self.model.load_weights(unpack(source[start : start + size], bucket_metas))
+            self.timings = {"sync/wait": 0.0, "sync/load": time.perf_counter() - t0}
+            return
         waited = loaded = 0.0
         pending = None
         for k, bucket_metas in enumerate(buckets):
@@ -350,6 +372,17 @@ class CollectiveWeightTransferEngine(
             waited += t1 - t0
             loaded += time.perf_counter() - t1
         self.timings = {"sync/wait": waited, "sync/load": loaded}
+
+    def _shared_source(self, handle: dict[str, Any], nbytes: int) -> torch.Tensor:
+        """The learner's buffer, opened once per export (a grown buffer comes with a new handle)."""
+        key = handle.get("path") or handle.get("handle")
+        if self._source is None or self._source[0] != key:
+            self._source = None
+            self._source = (key, open_shared(handle, self.device))
+        source = self._source[1]
+        if source.numel() < nbytes:
+            raise ValueError(f"shared transport: the learner's buffer holds {source.numel()} bytes, the push needs {nbytes}")
+        return source
 
     def _buffer(self, slot: str, nbytes: int) -> torch.Tensor:
         buf = self.buffers.get(slot)
@@ -377,6 +410,7 @@ class CollectiveWeightTransferEngine(
         _refresh_tied_lm_head(self.model)
 
     def shutdown(self) -> None:
+        self._source = None
         if self.group is not None:
             close_group(self.group)
             self.group = None

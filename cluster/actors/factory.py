@@ -59,7 +59,9 @@ class ActorFactory:
         self.total_steps, self.sequences_per_step, self.step_timeout_s = total_steps, sequences_per_step, step_timeout_s
         self._tp_groups: dict[int, Any] = {}  # generator index -> its placement group (tensor parallel)
         self._pairs: Any = None  # colocated: the pairs' placement group, kept across learner restarts
-        self.colocated = cluster.placement == "colocated"  # CPU only (config.py refuses it on GPUs)
+        self.colocated = cluster.placement == "colocated"
+        # colocated on GPUs: generators sleep (vLLM's sleep mode) while their learner rank trains
+        self.sleeps = self.colocated and cluster.generator_gpus > 0
 
     @classmethod
     def for_job(cls, cfg: Config, model_path: str) -> "ActorFactory":
@@ -111,7 +113,8 @@ class ActorFactory:
                 self.pairs(), placement_group_bundle_index=index))
         lora = self.learner.lora
         return ray.remote(Generator).options(**options).remote(model_path or self.model_path, self.rollout, index,
-                                                               version, lora.rank if lora.push == "adapter" else 0)
+                                                               version, lora.rank if lora.push == "adapter" else 0,
+                                                               self.sleeps)
 
     def generators(self, version: int = 0, model_path: str | None = None) -> list[Any]:
         return [self.generator(i, version, model_path) for i in range(self.rollout.num_generators)]

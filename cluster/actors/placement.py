@@ -105,6 +105,15 @@ def resolve_resources(cfg: Config, nodes: list[dict[str, float]]) -> Config:
     return cfg.model_copy(update={"cluster": c})
 
 
+def resolve_transport(cfg: Config) -> Config:
+    """sync.transport=auto: shared (one buffer the generators open by handle) when the
+    generators sit with their learner (colocated), a collective otherwise."""
+    if cfg.sync.transport != "auto":
+        return cfg
+    transport = "shared" if cfg.cluster.placement == "colocated" else "collective"
+    return cfg.model_copy(update={"sync": cfg.sync.model_copy(update={"transport": transport})})
+
+
 def whole_cores(share: float) -> int:
     """Threads for a CPU share: its whole cores, counting a core the reward workers'
     tenths only nibble at (1.98 -> 2), at least 1."""
@@ -112,11 +121,18 @@ def whole_cores(share: float) -> int:
 
 
 def _colocated_shares(c: ClusterConfig, cfg: Config, cpus: float) -> ClusterConfig:
-    """Colocated (CPU only: config.py refuses it on GPUs): one pair (generator i, learner
-    rank i) per rank. Each pair's bundle is an even share of what the reward workers leave,
-    and each of its two actors asks for half of it from Ray; but both run as many threads
-    as the whole bundle has cores, since they take turns on them."""
+    """Colocated: one pair (generator i, learner rank i) per rank. CPU only: each pair's
+    bundle is an even share of what the reward workers leave, and each of its two actors
+    asks for half of it from Ray; but both run as many threads as the whole bundle has
+    cores, since they take turns on them. With GPUs (one GPU per pair), one CPU each."""
     pairs = cfg.learner.num_ranks
+    if c.generator_gpus or c.learner_gpus:
+        c.reward_cpus = REWARD_CPUS if c.reward_cpus is None else c.reward_cpus
+        c.generator_cpus = 1.0 if c.generator_cpus is None else c.generator_cpus
+        c.learner_cpus = 1.0 if c.learner_cpus is None else c.learner_cpus
+        c.generator_threads = c.generator_threads or whole_cores(c.generator_cpus)
+        c.learner_threads = c.learner_threads or whole_cores(c.learner_cpus)
+        return c
     if c.reward_cpus is None:  # as disaggregated: only what does not cost a pair a whole core
         spare = max(cpus - pairs * int(cpus / pairs), 0.0) / cfg.rewards.num_workers
         c.reward_cpus = int(min(REWARD_CPUS, spare) * 100) / 100
@@ -136,7 +152,8 @@ def _colocated_shares(c: ClusterConfig, cfg: Config, cpus: float) -> ClusterConf
 
 def pair_bundle(c: ClusterConfig) -> dict[str, float]:
     """The resources of one colocated pair: what its generator and learner rank ask for together."""
-    return {"CPU": c.generator_cpus + c.learner_cpus, **c.learner_resources}
+    gpus = {"GPU": c.generator_gpus + c.learner_gpus} if c.generator_gpus or c.learner_gpus else {}
+    return {"CPU": c.generator_cpus + c.learner_cpus, **gpus, **c.learner_resources}
 
 
 def learner_only(cfg: Config) -> Config:
@@ -266,12 +283,13 @@ def place(cfg: Config, log=print, learners: bool = True, verbose: bool = False, 
         cfg = learner_only(cfg)
     if not learners:
         cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_ranks": 0})})
-    cfg = resolve_resources(cfg, nodes)
+    cfg = resolve_transport(resolve_resources(cfg, nodes))
     check_fits(demand(cfg), nodes)
     c = cfg.cluster
     pinned = core_sets(c, cfg.rollout.num_generators, cfg.learner.num_ranks, nodes)
     log(f"placement: {c.placement}, {cfg.rollout.num_generators} generator(s) x {c.generator_cpus:g} CPU, {cfg.learner.num_ranks} "
         f"learner rank(s) x {c.learner_cpus:g} CPU, {cfg.rewards.num_workers} reward worker(s) x {c.reward_cpus:g} CPU; "
-        f"{c.generator_threads} / {c.learner_threads} thread(s) per generator / learner rank"
+        f"{c.generator_threads} / {c.learner_threads} thread(s) per generator / learner rank; "
+        f"weights by {cfg.sync.transport} transport"
         + (f"; pinned to cores {pinned}" if pinned else ""))
     return cfg

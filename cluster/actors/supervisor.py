@@ -117,6 +117,17 @@ class Supervisor:
         return self.factory.reward_worker(index)
 
     # ------------------------------------------------------------ generators
+    def sleep_generators(self) -> None:
+        """Colocated on GPUs, before the learner's phase: every live generator frees its GPU
+        memory (Generator.sleep); one that fails to, or does not answer within
+        faults.health_timeout_s, is lost (replaced) like any other."""
+        refs = {self.generators[i].sleep.remote(): i for i, up in enumerate(self.live) if up}
+        for ref, i in refs.items():
+            try:
+                ray.get(ref, timeout=self.settings.health_timeout_s)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+                self.generator_lost(i, f"could not sleep before the learner's phase: {type(e).__name__}: {e}"[:300])
+
     def generator_lost(self, index: int, cause: str) -> None:
         """A generator died or hung: its prompts go to the others (the pipeline), it is
         killed for sure, and replaced in the background."""

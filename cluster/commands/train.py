@@ -189,6 +189,8 @@ class Run:
         batch = self.pipeline.next_batch(step)
         self.error_streak.update(batch.sampled)  # a verifier failing on every sample, step after step, stops the run
         t1 = time.perf_counter()
+        if self.factory.sleeps:  # colocated on GPUs: the engines give the learner their memory
+            self.sup.sleep_generators()
         with self.sup.weights:  # a generator's replacement never receives weights not yet published
             stats = self.actors.learners.train(batch.groups, version=self.version) if batch.groups else {}  # none: no group had signal
             t2 = time.perf_counter()

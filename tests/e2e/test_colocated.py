@@ -2,7 +2,8 @@
 learner rank 0 share both cores and take turns. One colocated run, with its generator
 SIGKILLed after step 2, is watched from /proc while it runs; a disaggregated run of the same
 seed and thread counts is its reference. They must train on the same samples with the same
-losses, the colocated weight updates must land exactly (vLLM's logprobs = the learner's),
+losses, the colocated weight updates (through the learner's shared buffer, sync.transport=
+shared, where the reference uses the gloo group) must land exactly (vLLM's logprobs = the learner's),
 the actors must take turns on both cores (each sleeping through the other's phase), and the
 killed generator must be replaced with nothing lost."""
 import json
@@ -120,7 +121,15 @@ def test_colocated_and_disaggregated_train_on_the_same_samples_with_the_same_los
 
 
 def test_colocated_weight_updates_land_exactly_after_moving_the_policy(runs):
-    (colo, _), _ = runs
+    (colo, _), (ref, _) = runs
+    import yaml
+
+    # colocated pushes through the learner's shared buffer (sync.transport=auto), the reference
+    # through the gloo group: the same losses above say both deliver the same weights
+    assert yaml.safe_load((colo / "config.yaml").read_text())["sync"]["transport"] == "shared"
+    assert yaml.safe_load((ref / "config.yaml").read_text())["sync"]["transport"] == "collective"
+    peer = json.loads((colo / "actors.json").read_text())["generator 0"]["sync_peer"]
+    assert peer.startswith("shared@"), peer  # the replacement of the killed generator, too
     rows = read_metrics(colo)
     # every batch after the first was sampled by vLLM under updated weights: same logprobs as the learner's
     assert all(r["train/sampler_logprob_diff"] < 1e-4 for r in rows[1:]), [r["train/sampler_logprob_diff"] for r in rows]

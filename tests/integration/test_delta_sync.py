@@ -1,6 +1,7 @@
 """sync.delta through the real stack: a DeepSpeed learner in bf16 pushes only the
 elements that changed to a vLLM engine (CPU), whose kept copy stays bit-equal to the
-learner's weights; a replaced generator gets a full push, then deltas again."""
+learner's weights; a replaced generator gets a full push, then deltas again; and the
+same through the learner's shared buffer (sync.transport=shared)."""
 import hashlib
 
 import numpy as np
@@ -64,6 +65,23 @@ def test_delta_pushes_keep_the_generator_bit_equal_and_a_replacement_gets_a_full
         state = ray.get(learners.ranks[0].state_dict_numpy.remote())
         assert 0 < sync["sync/changed_frac"] < 0.5
         assert ray.get(gen.kept_weights_digest.remote()) == {k: v for k, v in digest(state).items() if k != "lm_head.weight"}
+        assert np.abs(np.array(ray.get(gen.prompt_logprobs.remote(SEQ))) - hf_logprobs(tiny_model, state, SEQ)).max() < 1e-4
+
+        # the same pushes through the learner's shared buffer (sync.transport=shared, the
+        # colocated default) instead of the gloo group: a full push, then deltas, bit-equal
+        learners.sync = learners.sync.model_copy(update={"transport": "shared"})
+        learners.connect([gen])
+        assert ray.get(gen.ready.remote())["sync_peer"].startswith("shared@")
+        for version in (6, 7):
+            learners.train(synthetic_groups(seed=version))
+            sync = learners.push(version)
+            state = ray.get(learners.ranks[0].state_dict_numpy.remote())
+            assert ray.get(gen.kept_weights_digest.remote()) == {k: v for k, v in digest(state).items()
+                                                                 if k != "lm_head.weight"}
+            if version == 6:
+                assert sync["sync/bytes"] == full_bytes(state) and "sync/changed_frac" not in sync
+            else:
+                assert 0 < sync["sync/changed_frac"] < 0.5 and sync["sync/bytes"] < 0.8 * full_bytes(state), sync
         assert np.abs(np.array(ray.get(gen.prompt_logprobs.remote(SEQ))) - hf_logprobs(tiny_model, state, SEQ)).max() < 1e-4
     finally:
         learners.kill()

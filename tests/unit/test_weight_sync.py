@@ -1,5 +1,6 @@
 """The weight update's buckets: planned by size, packed and unpacked bit for bit (the
 updates through Ray, vLLM and DeepSpeed are in tests/integration/test_weight_sync.py)."""
+import pytest
 import torch
 
 from rollout.buckets import TensorMeta, pack, plan_buckets, unpack
@@ -90,3 +91,53 @@ def test_rendezvous_port_is_free_and_outside_the_ephemeral_range():
     port = rendezvous_port()
     with socket.socket() as s:
         s.bind(("", port))  # free when handed out
+
+
+def test_shared_transport_buffer_round_trip_and_handle_checks(tmp_path):
+    """sync.transport=shared on CPU: buckets packed into the learner's /dev/shm buffer in
+    the receivers' layout come out bit-equal in another mapping; a handle that does not
+    name one of our buffers is refused before anything is opened."""
+    import os
+
+    from rollout.buckets import bucket_layout
+    from rollout.shared import SharedBuffer, check_handle, open_shared
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 5), torch.randn(7), torch.randn(2, 2).to(torch.bfloat16), torch.randn(300)]
+    metas = [TensorMeta(f"t{i}", str(t.dtype).split(".")[-1], tuple(t.shape)) for i, t in enumerate(tensors)]
+    buckets = plan_buckets(metas, 200)
+    sizes = [sum(metas[i].nbytes for i in b) for b in buckets]
+    starts, total = bucket_layout(sizes)
+    assert all(s % 64 == 0 for s in starts) and total >= sum(sizes)
+    sender = SharedBuffer(torch.device("cpu"))
+    buf = sender.get(total)
+    for b, start, size in zip(buckets, starts, sizes):
+        pack([tensors[i] for i in b], buf[start:start + size])  # a lone tensor is copied in too
+    handle = sender.handle()
+    assert handle["kind"] == "shm" and oct(os.stat(handle["path"]).st_mode & 0o777) == "0o600"
+    seen = open_shared(handle, torch.device("cpu"))
+    out = [t for b, start, size in zip(buckets, starts, sizes) for _, t in unpack(seen[start:start + size], [metas[i] for i in b])]
+    for a, b in zip(tensors, out):
+        assert torch.equal(a, b)
+    assert sender.get(total) is buf  # kept across pushes while large enough
+    bigger = sender.get(total * 4)
+    assert sender.handle()["path"] != handle["path"] and not os.path.exists(handle["path"])  # regrown: new file
+    assert bigger.numel() == total * 4
+
+    bad = [({"kind": "pickle"}, "kind"), ({**sender.handle(), "nbytes": 0}, "nbytes"),
+           ({**sender.handle(), "path": str(tmp_path / "grpo-sync-x")}, "is not a /dev/shm/grpo-sync-*"),
+           ({**sender.handle(), "path": "/dev/shm/other"}, "is not a /dev/shm/grpo-sync-*"),
+           ({**sender.handle(), "nbytes": total * 4 + 1}, "holds"),
+           ({"kind": "cuda_ipc", "nbytes": 8, "handle": "not bytes"}, "handle.handle must be bytes")]
+    link = "/dev/shm/grpo-sync-link-test"
+    os.symlink(sender.handle()["path"], link)
+    try:
+        bad.append(({**sender.handle(), "path": link}, "not a regular file"))
+        for h, words in bad:
+            with pytest.raises(ValueError, match=words.replace("*", r"\*")):
+                check_handle(h)
+    finally:
+        os.unlink(link)
+    path = sender.handle()["path"]
+    sender.close()
+    assert not os.path.exists(path)
