@@ -11,7 +11,9 @@ is tuned against the other:
   (48), temperature 1, one optimizer step per step, the same lr and schedule (cosine over the
   run, no warm-up), no KL;
 - ours: the default job's placement (or what the overrides say); TRL: its own defaults for
-  threads (torch uses every core) on the CPU;
+  threads (torch uses every core) and precision (GRPOConfig turns bf16 mixed precision on
+  unless fp16 is: autocast on the CPU too), both written to peer.json next to ours
+  (learner.dtype: float32 by default; learner.dtype=bfloat16 matches TRL's);
 - the figure: the median step time after the first --warmup steps, for both, and its ratio.
 
 TRL goes in the optional `bench` extra (pip install 'grpo-cluster[bench]'), never a core
@@ -75,7 +77,9 @@ def trl_child(spec_path: str) -> None:
                           processing_class=tok, callbacks=[Clock()])
     start = time.perf_counter()
     trainer.train()
-    Path(spec["result"]).write_text(json.dumps({"start": start, "ends": ends, "threads": _threads()}))
+    precision = "bf16 mixed" if trainer.args.bf16 else "fp16 mixed" if trainer.args.fp16 else "fp32"
+    Path(spec["result"]).write_text(json.dumps({"start": start, "ends": ends, "threads": _threads(),
+                                                "precision": precision}))
 
 
 def _threads() -> int:
@@ -117,7 +121,8 @@ def peer(cfg, steps: int, out: Path) -> tuple[list[float], dict[str, Any]]:
                        check=True, env=env)
         result = json.loads(Path(spec["result"]).read_text())
     marks = [result["start"], *result["ends"]]
-    return [b - a for a, b in zip(marks, marks[1:])], {"trl_args": args, "trl_threads": result["threads"]}
+    return [b - a for a, b in zip(marks, marks[1:])], {"trl_args": args, "trl_threads": result["threads"],
+                                                       "trl_precision": result["precision"]}
 
 
 def plot(times: dict[str, list[float]], warmup: int, path) -> None:
@@ -171,8 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
     m_ours, m_trl = median(mine[args.warmup:]), median(theirs[args.warmup:])
     result = {"size": args.size, "samples_per_step": batch, "ours_step_s": mine, "trl_step_s": theirs,
               "ours_median_s": m_ours, "trl_median_s": m_trl, "ours_samples_per_s": batch / m_ours,
-              "trl_samples_per_s": batch / m_trl, "speedup_vs_trl": m_trl / m_ours, **trl_info}
-    log(f"ours {m_ours:.2f} s/step, TRL {m_trl:.2f} s/step: {m_trl / m_ours:.2f}x TRL's samples/s")
+              "trl_samples_per_s": batch / m_trl, "speedup_vs_trl": m_trl / m_ours, **trl_info,
+              "ours_precision": cfg.learner.dtype}
+    log(f"ours {m_ours:.2f} s/step (learner {cfg.learner.dtype}), TRL {m_trl:.2f} s/step ({trl_info['trl_precision']}, "
+        f"its default): {m_trl / m_ours:.2f}x TRL's samples/s")
     headers = ["", "s/step (median)", "samples/s", "vs TRL"]
     rows = [["grpo-cluster", m_ours, batch / m_ours, m_trl / m_ours], ["TRL GRPOTrainer", m_trl, batch / m_trl, 1.0]]
     config = {"args": vars(args), "config": cfg.model_dump(mode="json")}

@@ -63,3 +63,20 @@ class SlowStartGenerator:
 
     def health(self):
         return {"load": 0, "updating": False, "seconds_since_step": 0.0}
+
+
+class SleepyGenerator(SlowStartGenerator):
+    """A generator with vLLM's sleep mode (colocated on GPUs): `sleep` counts, or fails."""
+
+    def __init__(self, broken: bool = False):
+        super().__init__(0.0)
+        self.broken, self.slept = broken, 0
+
+    def sleep(self):
+        if self.broken:
+            raise RuntimeError("sleep mode failed")
+        self.slept += 1
+        return True
+
+    def times_slept(self):
+        return self.slept

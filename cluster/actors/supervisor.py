@@ -126,7 +126,8 @@ class Supervisor:
             try:
                 ray.get(ref, timeout=self.settings.health_timeout_s)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
-                self.generator_lost(i, f"could not sleep before the learner's phase: {type(e).__name__}: {e}"[:300])
+                error = getattr(e, "cause", None) or e  # a RayTaskError's own exception, not its traceback
+                self.generator_lost(i, f"could not sleep before the learner's phase: {type(error).__name__}: {error}"[:300])
 
     def generator_lost(self, index: int, cause: str) -> None:
         """A generator died or hung: its prompts go to the others (the pipeline), it is

@@ -128,3 +128,33 @@ def test_closing_the_supervisor_stops_a_replacement_still_starting(ray_session):
     assert sup.live == [False] and sup.generators == [first]  # nothing half-started is taken in
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(replacement.health.remote(), timeout=10)
+
+
+def test_generators_sleep_before_the_learners_phase_and_one_that_cannot_is_replaced(ray_session):
+    """Colocated on GPUs the driver puts every live generator to sleep before training
+    (Supervisor.sleep_generators); one whose sleep fails is lost and replaced like any other."""
+    from cluster.actors.supervisor import Supervisor
+    from cluster.config import FaultConfig
+    from tests.fakes import SleepyGenerator
+
+    class Factory:
+        def generator(self, index, version, model_path):
+            return ray.remote(SleepyGenerator).options(num_cpus=0, max_concurrency=2).remote()
+
+    good, bad = (ray.remote(SleepyGenerator).options(num_cpus=0, max_concurrency=2).remote(broken)
+                 for broken in (False, True))
+    log = []
+    sup = Supervisor(FaultConfig(health_interval_s=0.5), 60.0, Factory(), [good, bad], None, 0, log=log.append)
+    try:
+        sup.sleep_generators()
+        assert ray.get(good.times_slept.remote()) == 1
+        assert sup.live[0] and [f.index for f in sup.faults] == [1]
+        assert "could not sleep" in sup.faults[0].cause and "sleep mode failed" in sup.faults[0].cause
+        deadline = time.monotonic() + 60
+        while not all(sup.live) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(sup.live) and sup.generators[1] is not bad  # replaced, and the replacement sleeps
+        sup.sleep_generators()
+        assert ray.get(sup.generators[1].times_slept.remote()) == 1 and len(sup.faults) == 1
+    finally:
+        sup.close()

@@ -36,6 +36,8 @@ def test_targets_say_met_or_missed():
         "weight_sync": {"results": [{"model": "1M", "bytes": 2**22, "generators": 2, "ratio_sync_to_raw": 3.2,
                                      "ratio_sync_to_raw_plus_load": 1.1}]},
         "step": {"results": {"overhead_share": 0.04, "median": {"period_s": 2.5}, "samples_per_s": 102.0}},
+        "pipeline": {"results": {"speedup": 1.5, "cap": 1.6, "speedup_of_cap": 1.5 / 1.6, "best": "S=2",
+                                 "samples_per_s_async": 150.0, "samples_per_s_sync": 100.0}},
     }
     rows = {r[0].split(",")[-1].strip()[:12]: (r[1], r[3]) for r in targets(results)}
     assert rows["50M model"] == ("0.970", "yes") and rows["0.5M model"] == ("0.900", "no")
@@ -43,6 +45,11 @@ def test_targets_say_met_or_missed():
     assert sync[1:] == ["3.20", "<= 1.5", "no"] and "[/ (raw + vLLM load): 1.10]" in sync[0]
     (step,) = [r for r in targets(results) if r[0].startswith("orchestration")]
     assert step[1:] == ["4.0%", "<= 10%", "yes"]
+    (pipe,) = [r for r in targets(results) if r[0].startswith("async / sync")]
+    assert pipe[1:] == ["1.50", ">= 1.6 or >= 85% of cap", "yes"] and "94% of its cap 1.60x" in pipe[0]
+    results["pipeline"]["results"].update(speedup=1.2, speedup_of_cap=1.2 / 1.6)
+    (pipe,) = [r for r in targets(results) if r[0].startswith("async / sync")]
+    assert pipe[3] == "no"
 
 
 def test_summary_is_rebuilt_from_the_reports_on_disk(tmp_path):
