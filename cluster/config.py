@@ -256,6 +256,9 @@ class Config(Section):
             raise ValueError("data: set data.task or data.path")
         if self.cluster.placement == "colocated":
             _check_colocated(self)
+        elif self.sync.transport == "shared" and (self.cluster.generator_gpus or self.cluster.learner_gpus):
+            raise ValueError("sync.transport=shared on GPUs is for colocated pairs: a generator on a GPU of its own "
+                             "cannot open a CUDA IPC handle of the learner's GPU (Ray hides it); use collective or auto")
         lora = self.learner.lora
         if lora.push == "adapter" and not 0 < lora.rank <= 512:
             raise ValueError(f"learner.lora.push=adapter serves the adapter in vLLM, which needs 0 < learner.lora.rank "
@@ -288,8 +291,10 @@ def _check_colocated(cfg: "Config") -> None:
         if cfg.sync.transport == "collective":
             raise ValueError("cluster.placement=colocated on GPUs: sync.transport=collective would put two NCCL ranks "
                              "on one GPU, which NCCL refuses; use sync.transport=shared (CUDA IPC) or auto")
-    elif cfg.sync.transport == "shared" and cfg.sync.backend == "nccl":
-        raise ValueError("sync.transport=shared on CPU uses /dev/shm, not sync.backend=nccl: set sync.backend=gloo")
+        if cfg.learner.num_ranks > 1:
+            raise ValueError(f"cluster.placement=colocated on GPUs: one pair only for now (learner.num_ranks="
+                             f"{cfg.learner.num_ranks}): learner rank 0 exports the weights, and generator i > 0 sits "
+                             f"on another GPU, which it cannot open a CUDA IPC handle of")
     if cfg.rollout.num_generators != cfg.learner.num_ranks:
         raise ValueError(f"cluster.placement=colocated pairs generator i with learner rank i: "
                          f"rollout.num_generators ({cfg.rollout.num_generators}) must equal learner.num_ranks "

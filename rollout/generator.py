@@ -75,8 +75,11 @@ class Generator:
         done. A push wakes the weights first and the KV cache after it; sampling wakes both.
         -> whether the engine sleeps (False without sleep_mode: CPU engines have no sleep
         mode, and do not need one, since memory is not what a CPU pair shares)."""
-        if not self.sleep_mode or self.asleep:
-            return bool(self.asleep)
+        if not self.sleep_mode:
+            return False
+        if self.asleep == {"weights", "kv_cache"}:
+            return True
+        self._wake("weights", "kv_cache")  # half asleep (a push that failed midway): all the way first
         self.loop.run(lambda: self.llm.sleep(level=1), drain=True)
         self.asleep = {"weights", "kv_cache"}
         return True

@@ -34,6 +34,9 @@ class SharedBuffer:
         self.device = device
         self.tensor: torch.Tensor | None = None
         self.path: str | None = None  # CPU: its /dev/shm file
+        self._handle: dict[str, Any] | None = None  # exported once per allocation
+        if device.type != "cuda":
+            remove_stale()
 
     def get(self, nbytes: int) -> torch.Tensor:
         if self.tensor is None or self.tensor.numel() < nbytes:
@@ -45,9 +48,15 @@ class SharedBuffer:
         path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, max(nbytes, 1))
-        finally:
+            # reserved now: a full /dev/shm (Docker's default is 64 MiB) fails here, with its
+            # size in the error, instead of killing the packing process with SIGBUS later
+            os.posix_fallocate(fd, 0, max(nbytes, 1))
+        except OSError as e:
             os.close(fd)
+            os.unlink(path)
+            raise OSError(e.errno, f"shared transport: cannot reserve {nbytes} bytes in {SHM_DIR} ({e.strerror}); "
+                                   f"enlarge it (docker run --shm-size) or use sync.transport=collective") from e
+        os.close(fd)
         self.path = path
         return torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)
 
@@ -55,26 +64,56 @@ class SharedBuffer:
         return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
 
     def handle(self) -> dict[str, Any]:
-        """What a receiver needs to open the buffer (plain values only)."""
+        """What a receiver needs to open the buffer (plain values only). Exported once per
+        allocation: each CUDA export takes a reference-counter slot of its own."""
         if self.tensor is None:
             raise RuntimeError("shared transport: nothing exported yet")
+        if self._handle is not None:
+            return self._handle
         if self.path is not None:
-            return {"kind": "shm", "path": self.path, "nbytes": self.tensor.numel()}
+            self._handle = {"kind": "shm", "path": self.path, "nbytes": self.tensor.numel()}
+            return self._handle
         (_device, handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle,
          event_sync) = self.tensor.untyped_storage()._share_cuda_()
-        return {"kind": "cuda_ipc", "nbytes": self.tensor.numel(), "handle": bytes(handle),
-                "storage_size_bytes": int(size_bytes), "storage_offset_bytes": int(offset_bytes),
-                "ref_counter_handle": bytes(ref_handle), "ref_counter_offset": int(ref_offset),
-                "event_handle": bytes(event_handle) if event_handle else b"", "event_sync_required": bool(event_sync)}
+        self._handle = {"kind": "cuda_ipc", "nbytes": self.tensor.numel(), "handle": bytes(handle),
+                        "storage_size_bytes": int(size_bytes), "storage_offset_bytes": int(offset_bytes),
+                        "ref_counter_handle": bytes(ref_handle), "ref_counter_offset": int(ref_offset),
+                        "event_handle": bytes(event_handle), "event_sync_required": bool(event_sync)}
+        return self._handle
 
     def close(self) -> None:
-        self.tensor = None
+        cuda = self.tensor is not None and self.tensor.device.type == "cuda"
+        self.tensor, self._handle = None, None
+        if cuda:
+            torch.cuda.ipc_collect()  # blocks the receivers no longer hold go back to the allocator
         if self.path is not None:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
             self.path = None
+
+
+def remove_stale() -> int:
+    """Remove this user's /dev/shm buffers whose learner process is gone (killed before
+    it could unlink them); -> how many."""
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if not name.startswith(PREFIX) or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.lstat(path).st_uid == os.getuid():
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def check_handle(handle: Any) -> dict[str, Any]:
@@ -119,5 +158,5 @@ def open_shared(handle: dict[str, Any], device: torch.device) -> torch.Tensor:
     return rebuild_cuda_tensor(
         torch.Tensor, (n,), (1,), 0, torch.UntypedStorage, torch.uint8, device.index or 0,
         handle["handle"], handle["storage_size_bytes"], handle["storage_offset_bytes"], False,
-        handle["ref_counter_handle"], handle["ref_counter_offset"], handle["event_handle"] or None,
+        handle["ref_counter_handle"], handle["ref_counter_offset"], handle["event_handle"],
         handle["event_sync_required"])

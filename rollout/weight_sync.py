@@ -375,7 +375,8 @@ class CollectiveWeightTransferEngine(
 
     def _shared_source(self, handle: dict[str, Any], nbytes: int) -> torch.Tensor:
         """The learner's buffer, opened once per export (a grown buffer comes with a new handle)."""
-        key = handle.get("path") or handle.get("handle")
+        # a regrown buffer may reuse the CUDA segment at another offset: all three name it
+        key = (handle.get("path") or handle.get("handle"), handle.get("storage_offset_bytes"), handle.get("nbytes"))
         if self._source is None or self._source[0] != key:
             self._source = None
             self._source = (key, open_shared(handle, self.device))
@@ -400,6 +401,8 @@ class CollectiveWeightTransferEngine(
         quiet = _DropMessage("Failed to load weights")
         if not self.reloading:  # nothing was loaded into the model (an adapter push, an empty delta)
             return
+        if self.shared and self.device.type == "cuda":  # the reload's last layers still read the learner's buffer
+            torch.cuda.synchronize(self.device)
         if self.partial:
             layerwise.addFilter(quiet)
         try:

@@ -189,9 +189,9 @@ class Run:
         batch = self.pipeline.next_batch(step)
         self.error_streak.update(batch.sampled)  # a verifier failing on every sample, step after step, stops the run
         t1 = time.perf_counter()
-        if self.factory.sleeps:  # colocated on GPUs: the engines give the learner their memory
-            self.sup.sleep_generators()
         with self.sup.weights:  # a generator's replacement never receives weights not yet published
+            if self.factory.sleeps:  # colocated on GPUs: the engines give the learner their memory (under
+                self.sup.sleep_generators()  # the lock: no replacement's push wakes them mid-phase)
             stats = self.actors.learners.train(batch.groups, version=self.version) if batch.groups else {}  # none: no group had signal
             t2 = time.perf_counter()
             sent = {}

@@ -79,6 +79,9 @@ def test_colocated_threads_soon_sleep_and_an_exported_setting_wins(monkeypatch):
      "add up to <= 1 (got 1 + 1)"),
     (["cluster.placement=colocated", "run.max_staleness=0", "cluster.learner_gpus=0.5", "cluster.generator_gpus=0.5",
       "sync.transport=collective"], "NCCL refuses"),
+    (["cluster.placement=colocated", "run.max_staleness=0", "cluster.learner_gpus=0.5", "cluster.generator_gpus=0.5",
+      "learner.num_ranks=2", "rollout.num_generators=2"], "one pair only for now"),
+    (["sync.transport=shared", "cluster.learner_gpus=1", "cluster.generator_gpus=1"], "for colocated pairs"),
 ])
 def test_a_colocated_job_that_cannot_take_turns_is_refused_at_load(overrides, words):
     with pytest.raises(ConfigError) as e:
@@ -90,8 +93,7 @@ def test_colocated_pairs_on_gpus_share_one_gpu_and_push_by_shared_memory():
     """The GPU colocated path as far as it is decided before any actor starts (the rest,
     CUDA IPC and vLLM's sleep mode, needs a GPU: unverified)."""
     cfg = load_config(None, ["cluster.placement=colocated", "run.max_staleness=0", "cluster.generator_gpus=0.4",
-                             "cluster.learner_gpus=0.6", "learner.num_ranks=2", "rollout.num_generators=2",
-                             "sync.backend=nccl"])
+                             "cluster.learner_gpus=0.6", "sync.backend=nccl"])
     nodes = [{"CPU": 16.0, "GPU": 2.0}]
     cfg = resolve_transport(resolve_resources(cfg, nodes))
     assert cfg.sync.transport == "shared"  # auto: NCCL would refuse two ranks on one GPU
@@ -99,7 +101,7 @@ def test_colocated_pairs_on_gpus_share_one_gpu_and_push_by_shared_memory():
     assert (c.generator_cpus, c.learner_cpus, c.generator_threads, c.learner_threads) == (1.0, 1.0, 1, 1)
     assert pair_bundle(c) == {"CPU": 2.0, "GPU": 1.0}
     roles = {r.name: (r.count, r.resources) for r in demand(cfg)}
-    assert roles["colocated pair"] == (2, {"CPU": 2.0, "GPU": 1.0})
+    assert roles["colocated pair"] == (1, {"CPU": 2.0, "GPU": 1.0})
     # disaggregated stays on the collective; an explicit choice is kept
     assert resolve_transport(load_config(None, [])).sync.transport == "collective"
     explicit = load_config(None, ["cluster.placement=colocated", "run.max_staleness=0", "sync.transport=collective"])

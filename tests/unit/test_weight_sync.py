@@ -141,3 +141,22 @@ def test_shared_transport_buffer_round_trip_and_handle_checks(tmp_path):
     path = sender.handle()["path"]
     sender.close()
     assert not os.path.exists(path)
+
+
+def test_buffers_a_killed_learner_left_in_dev_shm_are_removed_and_live_ones_kept():
+    import os
+
+    from rollout.shared import SharedBuffer, remove_stale
+
+    gone = "/dev/shm/grpo-sync-999999999-0123456789abcdef"  # no such pid
+    mine = f"/dev/shm/grpo-sync-{os.getpid()}-feedfacefeedface"
+    for path in (gone, mine):
+        open(path, "wb").close()
+    try:
+        SharedBuffer(torch.device("cpu"))  # a learner's transport clears up when it starts
+        assert not os.path.exists(gone) and os.path.exists(mine)
+        assert remove_stale() == 0
+    finally:
+        for path in (gone, mine):
+            if os.path.exists(path):
+                os.unlink(path)
