@@ -1,7 +1,7 @@
 """Ours against a peer on the same job: TRL's GRPOTrainer (HF generate and training in one
 process) and `grpo train`, one after the other on this machine.
 
-    grpo bench peer [--steps 15] [--warmup 5] [--size default|25M] [key.sub=value ...]
+    grpo bench peer [--steps 15] [--warmup 5] [--repeats 1] [--size default|25M] [key.sub=value ...]
 
 The protocol is fixed and written into peer.json with TRL's full arguments, and neither side
 is tuned against the other:
@@ -14,7 +14,11 @@ is tuned against the other:
   threads (torch uses every core) and precision (GRPOConfig turns bf16 mixed precision on
   unless fp16 is: autocast on the CPU too), both written to peer.json next to ours
   (learner.dtype: float32 by default; learner.dtype=bfloat16 matches TRL's);
-- the figure: the median step time after the first --warmup steps, for both, and its ratio.
+- the figure: the median step time after the first --warmup steps, for both, and its ratio;
+  next to it the mean step time over the same steps (the throughput: with S >= 1 our steps
+  alternate between two modes, and a median of a few can land on either), and its ratio;
+- --repeats N runs the pair N times, alternating (this machine drifts by 20% and more
+  between runs), and reports the median over the pairs of each pair's ratios.
 
 TRL goes in the optional `bench` extra (pip install 'grpo-cluster[bench]'), never a core
 dependency; TRL's side runs in a child process of its own.
@@ -125,6 +129,21 @@ def peer(cfg, steps: int, out: Path) -> tuple[list[float], dict[str, Any]]:
                                                        "trl_precision": result["precision"]}
 
 
+def figures(mine: list[float], theirs: list[float], warmup: int, batch: int) -> dict[str, float]:
+    """One pair of runs (each step's period, ours and TRL's) -> medians, means, ratios."""
+    ours_m, trl_m = median(mine[warmup:]), median(theirs[warmup:])
+    ours_mean, trl_mean = (sum(t[warmup:]) / len(t[warmup:]) for t in (mine, theirs))
+    return {"ours_median_s": ours_m, "trl_median_s": trl_m, "ours_mean_s": ours_mean, "trl_mean_s": trl_mean,
+            "ours_samples_per_s": batch / ours_m, "trl_samples_per_s": batch / trl_m,
+            "ours_samples_per_s_mean": batch / ours_mean, "trl_samples_per_s_mean": batch / trl_mean,
+            "speedup_vs_trl": trl_m / ours_m, "speedup_vs_trl_mean": trl_mean / ours_mean}
+
+
+def combine(pairs: list[dict[str, float]]) -> dict[str, float]:
+    """Several pairs -> the median of each figure over them (ratios: of each pair's own ratio)."""
+    return {k: median([p[k] for p in pairs]) for k in pairs[0]}
+
+
 def plot(times: dict[str, list[float]], warmup: int, path) -> None:
     import matplotlib.pyplot as plt
 
@@ -150,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="grpo bench peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating; medians over them")
     parser.add_argument("--size", choices=["default", "25M"], default="default",
                         help="the default job's cold-started model, or a random 25M-parameter model")
     parser.add_argument("--out", default=DEFAULT_OUT)
@@ -157,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < args.warmup + 3:
         parser.error("--steps must be at least --warmup + 3")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -168,23 +190,34 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     cfg = load_config(None, [f"run.steps={args.steps}", "eval.every=0", "run.progress=false", *args.overrides])
     cfg.model.path = prepare_model(cfg, log) if args.size == "default" else random_model("25M", out)[0]
-    log(f"ours: {args.steps} steps of `grpo train` ({cfg.cluster.placement}, S={cfg.run.max_staleness})")
-    mine = ours(cfg.model_copy(deep=True), args.steps, out)
-    log(f"TRL: {args.steps} steps of GRPOTrainer")
-    theirs, trl_info = peer(cfg, args.steps, out)
     batch = cfg.run.prompts_per_step * cfg.rollout.n
-    m_ours, m_trl = median(mine[args.warmup:]), median(theirs[args.warmup:])
-    result = {"size": args.size, "samples_per_step": batch, "ours_step_s": mine, "trl_step_s": theirs,
-              "ours_median_s": m_ours, "trl_median_s": m_trl, "ours_samples_per_s": batch / m_ours,
-              "trl_samples_per_s": batch / m_trl, "speedup_vs_trl": m_trl / m_ours, **trl_info,
-              "ours_precision": cfg.learner.dtype}
-    log(f"ours {m_ours:.2f} s/step (learner {cfg.learner.dtype}), TRL {m_trl:.2f} s/step ({trl_info['trl_precision']}, "
-        f"its default): {m_trl / m_ours:.2f}x TRL's samples/s")
-    headers = ["", "s/step (median)", "samples/s", "vs TRL"]
-    rows = [["grpo-cluster", m_ours, batch / m_ours, m_trl / m_ours], ["TRL GRPOTrainer", m_trl, batch / m_trl, 1.0]]
+    pairs, runs = [], []
+    for r in range(args.repeats):
+        tag = f" (pair {r + 1} of {args.repeats})" if args.repeats > 1 else ""
+        log(f"ours: {args.steps} steps of `grpo train` ({cfg.cluster.placement}, S={cfg.run.max_staleness}){tag}")
+        mine = ours(cfg.model_copy(deep=True), args.steps, out)
+        log(f"TRL: {args.steps} steps of GRPOTrainer{tag}")
+        theirs, trl_info = peer(cfg, args.steps, out)
+        pairs.append(figures(mine, theirs, args.warmup, batch))
+        runs.append({"ours_step_s": mine, "trl_step_s": theirs})
+        if args.repeats > 1:
+            log(f"pair {r + 1}: {pairs[-1]['speedup_vs_trl']:.2f}x TRL (medians), "
+                f"{pairs[-1]['speedup_vs_trl_mean']:.2f}x (means)")
+    fig = combine(pairs)
+    result = {"size": args.size, "samples_per_step": batch, **runs[-1], "runs": runs, "pairs": pairs, **fig,
+              **trl_info, "ours_precision": cfg.learner.dtype}
+    log(f"ours {fig['ours_median_s']:.2f} s/step median, {fig['ours_mean_s']:.2f} mean (learner {cfg.learner.dtype}); "
+        f"TRL {fig['trl_median_s']:.2f} / {fig['trl_mean_s']:.2f} ({trl_info['trl_precision']}, its default): "
+        f"{fig['speedup_vs_trl']:.2f}x TRL's samples/s by medians, {fig['speedup_vs_trl_mean']:.2f}x by means"
+        + (f" (medians over {args.repeats} pairs)" if args.repeats > 1 else ""))
+    headers = ["", "s/step (median)", "s/step (mean)", "samples/s (mean)", "vs TRL (medians)", "vs TRL (means)"]
+    rows = [["grpo-cluster", fig["ours_median_s"], fig["ours_mean_s"], fig["ours_samples_per_s_mean"],
+             fig["speedup_vs_trl"], fig["speedup_vs_trl_mean"]],
+            ["TRL GRPOTrainer", fig["trl_median_s"], fig["trl_mean_s"], fig["trl_samples_per_s_mean"], 1.0, 1.0]]
     config = {"args": vars(args), "config": cfg.model_dump(mode="json")}
     name = "peer" if args.size == "default" else f"peer_{args.size}"
-    return report(name, out, config, result, {"peer/speedup_vs_trl": m_trl / m_ours}, headers, rows,
+    summary = {"peer/speedup_vs_trl": fig["speedup_vs_trl"], "peer/speedup_vs_trl_mean": fig["speedup_vs_trl_mean"]}
+    return report(name, out, config, result, summary, headers, rows,
                   lambda p: plot({"grpo-cluster": mine, "TRL": theirs}, args.warmup, p), started)
 
 

@@ -158,9 +158,11 @@ def same_batch(cfg, run_dir: Path, step: int, reps: int) -> dict[str, float]:
     return out
 
 
-def breakdown(rows: list[dict[str, Any]], warmup: int) -> list[dict[str, float]]:
+def breakdown(rows: list[dict[str, Any]], warmup: int, overlapped: bool = False) -> list[dict[str, float]]:
     """Per measured step: its period (start to the next step's start) split into the
-    driver's phases, and the compute inside the actors."""
+    driver's phases, and the compute inside the actors. overhead_s: the part of the period
+    in which the side that bounds it was not computing: the period less generation plus
+    training when they take turns (S = 0), less the larger of the two when they overlap."""
     out = []
     for row, nxt in zip(rows[warmup:], rows[warmup + 1 :]):
         period = nxt["time/started"] - row["time/started"]
@@ -170,7 +172,7 @@ def breakdown(rows: list[dict[str, Any]], warmup: int) -> list[dict[str, float]]
         out.append({
             "step": row["step"], "period_s": period, **{f"{p}_s": v for p, v in phases.items()},
             "generate_compute_s": compute["generate"], "train_compute_s": compute["train"],
-            "overhead_s": period - compute["generate"] - compute["train"],
+            "overhead_s": period - (max(compute.values()) if overlapped else sum(compute.values())),
             "samples": row["samples"], "tokens": row["tokens"],
         })
     return out
@@ -240,18 +242,29 @@ def main(argv: list[str] | None = None) -> dict:
     samples = cfg.run.prompts_per_step * cfg.rollout.n
     for row in rows:
         row["tokens"] = row["response_length"] * row["samples"]
-    steps = breakdown(rows, args.warmup)
+    overlapped = cfg.run.max_staleness > 0
+    steps = breakdown(rows, args.warmup, overlapped)
     med = {k: median([s[k] for s in steps]) for k in steps[0] if k != "step"}
     period = med["period_s"]
+    # One batch is generated per step, but not within it: with S >= 1 a step's engine time
+    # alternates between batches that took a weight update mid-flight and batches that did
+    # not, so the per-step median can land on either mode. A batch's generation is the
+    # engine's total over the measured steps divided by them.
+    per_batch = sum(s["generate_compute_s"] for s in steps) / len(steps)
+    mean_train = sum(s["train_compute_s"] for s in steps) / len(steps)
+    mean_period = sum(s["period_s"] for s in steps) / len(steps)
     result = {
         "measured_steps": [s["step"] for s in steps], "median": med, "steps": steps,
         "samples_per_s": samples / period, "tokens_per_s": med["tokens"] / period,
-        "overhead_share": median([s["overhead_s"] / s["period_s"] for s in steps]),
+        "mean_period_s": mean_period, "samples_per_s_mean": samples / mean_period,
+        "generate_per_batch_s": per_batch,
+        # over the whole measured span (the steps alternate when they overlap)
+        "overhead_share": 1 - ((max(per_batch, mean_train) if overlapped else per_batch + mean_train) / mean_period),
         "generator_busy_share": median([s["generate_compute_s"] / s["period_s"] for s in steps]),
         "learner_busy_share": median([s["train_compute_s"] / s["period_s"] for s in steps]),
         "run_dir": summary["run_dir"], **outside,
-        "in_job_vs_raw_vllm": med["generate_compute_s"] / outside["raw_vllm_s"],
-        "in_job_vs_hf_generate": med["generate_compute_s"] / outside["hf_generate_s"],
+        "in_job_vs_raw_vllm": per_batch / outside["raw_vllm_s"],
+        "in_job_vs_hf_generate": per_batch / outside["hf_generate_s"],
         # the learner's train step of the same (last) batch against a bare torch step of it
         "learner_step_s": rows[-1]["train/seconds"],
         "learner_tokens_per_s": outside["batch_tokens"] / rows[-1]["train/seconds"],
@@ -262,14 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
     row = [period, *[med[f"{p}_s"] for p in PHASES], med["generate_compute_s"], med["train_compute_s"], med["overhead_s"],
            outside["raw_vllm_s"], outside["hf_generate_s"]]
     table = [["seconds", *row], ["share of step", *[v / period for v in row]]]
-    log(f"the batch's generation: in the job {med['generate_compute_s']:.2f} s (engine steps), raw vLLM "
+    log(f"a batch's generation: in the job {per_batch:.2f} s (engine steps, mean over the measured steps), raw vLLM "
         f"{outside['raw_vllm_s']:.2f} s, HF generate {outside['hf_generate_s']:.2f} s, same cores")
     log(f"the learner on that batch: {result['learner_step_s']:.2f} s ({result['learner_tokens_per_s']:.0f} tokens/s) "
         f"vs raw torch {outside['raw_torch_step_s']:.2f} s ({result['raw_torch_tokens_per_s']:.0f} tokens/s): "
         f"{result['learner_vs_raw_torch']:.2f}x")
-    log(f"{len(steps)} steps measured: {period:.2f} s per step, {result['samples_per_s']:.0f} samples/s, "
+    log(f"{len(steps)} steps measured: {period:.2f} s per step (median; mean {mean_period:.2f} s), "
+        f"{result['samples_per_s']:.0f} samples/s (at the mean: {result['samples_per_s_mean']:.0f}), "
         f"overhead {result['overhead_share']:.1%}")
     summary_out = {"step/seconds": period, "step/samples_per_s": result["samples_per_s"],
+                   "step/samples_per_s_mean": result["samples_per_s_mean"],
                    "step/overhead_share": result["overhead_share"],
                    "step/in_job_vs_raw_vllm": result["in_job_vs_raw_vllm"],
                    "step/in_job_vs_hf_generate": result["in_job_vs_hf_generate"],

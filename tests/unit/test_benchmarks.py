@@ -30,6 +30,33 @@ def test_step_breakdown_splits_the_period():
     assert steps[1]["idle_s"] == pytest.approx(2.0 - 1.7)
 
 
+def test_step_breakdown_overhead_when_generation_and_training_overlap():
+    # S >= 1: the generator works while the learner trains; what bounds a step is the
+    # larger of the two, so the overhead is the period less that (never negative)
+    rows = [_row(1, 0.0), _row(2, 1.0, **{"time/generate_engine": 1.5}), _row(3, 2.6), _row(4, 3.6)]
+    serial, overlapped = breakdown(rows, 1), breakdown(rows, 1, overlapped=True)
+    assert serial[0]["overhead_s"] == pytest.approx(1.6 - 1.5 - 0.4)  # counted as taking turns: both subtracted
+    assert overlapped[0]["overhead_s"] == pytest.approx(1.6 - 1.5)
+    assert overlapped[1]["overhead_s"] == pytest.approx(1.0 - 0.9)
+
+
+def test_peer_figures_median_and_mean_and_pairs():
+    from benchmarks.peer import combine, figures
+
+    # ours alternates between two modes (S >= 1): the median of the measured steps lands on
+    # the fast one, the mean is the throughput
+    mine = [9.0, 0.8, 1.6, 0.8, 1.6, 0.8]
+    theirs = [5.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    f = figures(mine, theirs, warmup=1, batch=256)
+    assert f["ours_median_s"] == pytest.approx(0.8) and f["ours_mean_s"] == pytest.approx(5.6 / 5)
+    assert f["speedup_vs_trl"] == pytest.approx(1.25) and f["speedup_vs_trl_mean"] == pytest.approx(1.0 / 1.12)
+    assert f["ours_samples_per_s_mean"] == pytest.approx(256 / 1.12)
+    pairs = [figures(mine, theirs, 1, 256), figures(mine, [t * 2 for t in theirs], 1, 256),
+             figures(mine, [t / 2 for t in theirs], 1, 256)]
+    assert combine(pairs)["speedup_vs_trl"] == pytest.approx(1.25)  # the middle pair's ratio
+    assert combine(pairs)["speedup_vs_trl_mean"] == pytest.approx(1.0 / 1.12)
+
+
 def test_targets_say_met_or_missed():
     results = {
         "generation": {"results": [{"model": "50M", "ratio_actor_to_raw": 0.97}, {"model": "0.5M", "ratio_actor_to_raw": 0.9}]},
