@@ -178,6 +178,40 @@ def breakdown(rows: list[dict[str, Any]], warmup: int, overlapped: bool = False)
     return out
 
 
+def figures(rows: list[dict[str, Any]], warmup: int, samples: int, overlapped: bool,
+            outside: dict[str, float]) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """The job's metrics rows and the same batch measured outside it -> the measured steps
+    and the figures. One batch is generated per step, but not within it: with S >= 1 a
+    step's engine time alternates between batches that took a weight update mid-flight and
+    batches that did not, so a per-step median can land on either mode. A batch's
+    generation is the engine's total over the measured steps divided by them, and the
+    overhead is taken over the whole measured span."""
+    for row in rows:
+        row["tokens"] = row["response_length"] * row["samples"]
+    steps = breakdown(rows, warmup, overlapped)
+    med = {k: median([s[k] for s in steps]) for k in steps[0] if k != "step"}
+    period = med["period_s"]
+    per_batch, mean_train, mean_period = (sum(s[k] for s in steps) / len(steps)
+                                          for k in ("generate_compute_s", "train_compute_s", "period_s"))
+    bound = max(per_batch, mean_train) if overlapped else per_batch + mean_train
+    learner_s = rows[-1]["train/seconds"]  # the last batch's train step, against a bare torch step of it
+    return steps, {
+        "measured_steps": [s["step"] for s in steps], "median": med, "steps": steps,
+        "samples_per_s": samples / period, "tokens_per_s": med["tokens"] / period,
+        "mean_period_s": mean_period, "samples_per_s_mean": samples / mean_period,
+        "generate_per_batch_s": per_batch, "overhead_share": 1 - bound / mean_period,
+        "generator_busy_share": median([s["generate_compute_s"] / s["period_s"] for s in steps]),
+        "learner_busy_share": median([s["train_compute_s"] / s["period_s"] for s in steps]),
+        **outside,
+        "in_job_vs_raw_vllm": per_batch / outside["raw_vllm_s"],
+        "in_job_vs_hf_generate": per_batch / outside["hf_generate_s"],
+        "learner_step_s": learner_s,
+        "learner_tokens_per_s": outside["batch_tokens"] / learner_s,
+        "raw_torch_tokens_per_s": outside["batch_tokens"] / outside["raw_torch_step_s"],
+        "learner_vs_raw_torch": learner_s / outside["raw_torch_step_s"],
+    }
+
+
 def plot(steps: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
@@ -239,38 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
         outside = same_batch(cfg, Path(summary["run_dir"]), args.steps, args.reps)
     finally:
         ray.shutdown()
-    samples = cfg.run.prompts_per_step * cfg.rollout.n
-    for row in rows:
-        row["tokens"] = row["response_length"] * row["samples"]
-    overlapped = cfg.run.max_staleness > 0
-    steps = breakdown(rows, args.warmup, overlapped)
-    med = {k: median([s[k] for s in steps]) for k in steps[0] if k != "step"}
-    period = med["period_s"]
-    # One batch is generated per step, but not within it: with S >= 1 a step's engine time
-    # alternates between batches that took a weight update mid-flight and batches that did
-    # not, so the per-step median can land on either mode. A batch's generation is the
-    # engine's total over the measured steps divided by them.
-    per_batch = sum(s["generate_compute_s"] for s in steps) / len(steps)
-    mean_train = sum(s["train_compute_s"] for s in steps) / len(steps)
-    mean_period = sum(s["period_s"] for s in steps) / len(steps)
-    result = {
-        "measured_steps": [s["step"] for s in steps], "median": med, "steps": steps,
-        "samples_per_s": samples / period, "tokens_per_s": med["tokens"] / period,
-        "mean_period_s": mean_period, "samples_per_s_mean": samples / mean_period,
-        "generate_per_batch_s": per_batch,
-        # over the whole measured span (the steps alternate when they overlap)
-        "overhead_share": 1 - ((max(per_batch, mean_train) if overlapped else per_batch + mean_train) / mean_period),
-        "generator_busy_share": median([s["generate_compute_s"] / s["period_s"] for s in steps]),
-        "learner_busy_share": median([s["train_compute_s"] / s["period_s"] for s in steps]),
-        "run_dir": summary["run_dir"], **outside,
-        "in_job_vs_raw_vllm": per_batch / outside["raw_vllm_s"],
-        "in_job_vs_hf_generate": per_batch / outside["hf_generate_s"],
-        # the learner's train step of the same (last) batch against a bare torch step of it
-        "learner_step_s": rows[-1]["train/seconds"],
-        "learner_tokens_per_s": outside["batch_tokens"] / rows[-1]["train/seconds"],
-        "raw_torch_tokens_per_s": outside["batch_tokens"] / outside["raw_torch_step_s"],
-        "learner_vs_raw_torch": rows[-1]["train/seconds"] / outside["raw_torch_step_s"],
-    }
+    steps, result = figures(rows, args.warmup, cfg.run.prompts_per_step * cfg.rollout.n, cfg.run.max_staleness > 0,
+                            outside)
+    result["run_dir"] = summary["run_dir"]
+    med, period = result["median"], result["median"]["period_s"]
+    per_batch, mean_period = result["generate_per_batch_s"], result["mean_period_s"]
     headers = ["", "step", *PHASES, "vLLM", "learner", "overhead", "raw vLLM", "HF generate"]
     row = [period, *[med[f"{p}_s"] for p in PHASES], med["generate_compute_s"], med["train_compute_s"], med["overhead_s"],
            outside["raw_vllm_s"], outside["hf_generate_s"]]

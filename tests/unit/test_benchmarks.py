@@ -40,6 +40,25 @@ def test_step_breakdown_overhead_when_generation_and_training_overlap():
     assert overlapped[1]["overhead_s"] == pytest.approx(1.0 - 0.9)
 
 
+def test_step_figures_take_a_batch_as_the_mean_over_alternating_steps():
+    from benchmarks.step import figures
+
+    # S = 1: engine time per step alternates 0.7 / 1.3 s (the median of these four is 1.0,
+    # of three would be either mode); the batch's generation is their mean
+    rows = [_row(1, 0.0, response_length=10.0)]
+    for k, (start, eng) in enumerate([(2.0, 0.7), (3.0, 1.3), (4.5, 0.7), (5.5, 1.3), (7.0, 0.7)]):
+        rows.append(_row(k + 2, start, response_length=10.0, **{"time/generate_engine": eng, "train/seconds": 0.8}))
+    outside = {"raw_vllm_s": 0.8, "hf_generate_s": 0.5, "batch_tokens": 1000.0, "raw_torch_step_s": 1.0}
+    steps, f = figures(rows, 1, 256, True, outside)
+    assert [s["step"] for s in steps] == [2, 3, 4, 5]
+    assert f["generate_per_batch_s"] == pytest.approx(1.0) and f["in_job_vs_raw_vllm"] == pytest.approx(1.25)
+    assert f["mean_period_s"] == pytest.approx(1.25) and f["samples_per_s_mean"] == pytest.approx(256 / 1.25)
+    assert f["overhead_share"] == pytest.approx(1 - 1.0 / 1.25)  # against the larger side: generation
+    _, serial = figures(rows, 1, 256, False, outside)
+    assert serial["overhead_share"] == pytest.approx(1 - 1.8 / 1.25)  # S = 0 would have to add them
+    assert f["learner_vs_raw_torch"] == pytest.approx(0.8)
+
+
 def test_peer_figures_median_and_mean_and_pairs():
     from benchmarks.peer import combine, figures
 
