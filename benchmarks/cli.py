@@ -51,9 +51,11 @@ def targets(results: dict[str, dict]) -> list[list[str]]:
     step = results.get("step")
     if step:
         v = step["results"]["overhead_share"]
-        rows.append([f"orchestration overhead share of a step ({step['results']['median']['period_s']:.2f} s, "
-                     f"{step['results']['samples_per_s']:.0f} samples/s)", f"{v:.1%}", "<= 10%", _yes(v <= 0.10)])
         r = step["results"]
+        period = r.get("mean_period_s", r["median"]["period_s"])  # since 2026-12-04: over the whole measured span
+        rate = r.get("samples_per_s_mean", r["samples_per_s"])
+        rows.append([f"orchestration overhead share of a step ({period:.2f} s, {rate:.0f} samples/s)", f"{v:.1%}",
+                     "<= 10%", _yes(v <= 0.10)])
         if "in_job_vs_raw_vllm" in r:
             v = r["in_job_vs_raw_vllm"]
             rows.append([f"in-job generation / raw vLLM, the same batch and cores ({r.get('generate_per_batch_s', r['median']['generate_compute_s']):.2f} "

@@ -17,8 +17,11 @@ is tuned against the other:
 - the figure: the median step time after the first --warmup steps, for both, and its ratio;
   next to it the mean step time over the same steps (the throughput: with S >= 1 our steps
   alternate between two modes, and a median of a few can land on either), and its ratio;
-- --repeats N runs the pair N times, alternating (this machine drifts by 20% and more
-  between runs), and reports the median over the pairs of each pair's ratios.
+- --repeats N runs the pair N times (TRL first in every other pair: this machine drifts
+  by 20% and more between runs) and reports, for each figure, the median over the pairs:
+  the ratios are the median of each pair's own ratio, so they need not equal the ratio of
+  the medianed seconds. The step times at the top level and the plot are the last pair's;
+  every pair's are under "runs".
 
 TRL goes in the optional `bench` extra (pip install 'grpo-cluster[bench]'), never a core
 dependency; TRL's side runs in a child process of its own.
@@ -194,10 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     pairs, runs = [], []
     for r in range(args.repeats):
         tag = f" (pair {r + 1} of {args.repeats})" if args.repeats > 1 else ""
+        if r % 2:  # every other pair TRL goes first: drift within a pair favours neither side
+            log(f"TRL: {args.steps} steps of GRPOTrainer{tag}")
+            theirs, trl_info = peer(cfg, args.steps, out)
         log(f"ours: {args.steps} steps of `grpo train` ({cfg.cluster.placement}, S={cfg.run.max_staleness}){tag}")
         mine = ours(cfg.model_copy(deep=True), args.steps, out)
-        log(f"TRL: {args.steps} steps of GRPOTrainer{tag}")
-        theirs, trl_info = peer(cfg, args.steps, out)
+        if not r % 2:
+            log(f"TRL: {args.steps} steps of GRPOTrainer{tag}")
+            theirs, trl_info = peer(cfg, args.steps, out)
         pairs.append(figures(mine, theirs, args.warmup, batch))
         runs.append({"ours_step_s": mine, "trl_step_s": theirs})
         if args.repeats > 1:

@@ -32,7 +32,7 @@ def test_step_breakdown_splits_the_period():
 
 def test_step_breakdown_overhead_when_generation_and_training_overlap():
     # S >= 1: the generator works while the learner trains; what bounds a step is the
-    # larger of the two, so the overhead is the period less that (never negative)
+    # larger of the two, so the overhead is the period less that
     rows = [_row(1, 0.0), _row(2, 1.0, **{"time/generate_engine": 1.5}), _row(3, 2.6), _row(4, 3.6)]
     serial, overlapped = breakdown(rows, 1), breakdown(rows, 1, overlapped=True)
     assert serial[0]["overhead_s"] == pytest.approx(1.6 - 1.5 - 0.4)  # counted as taking turns: both subtracted
@@ -43,19 +43,20 @@ def test_step_breakdown_overhead_when_generation_and_training_overlap():
 def test_step_figures_take_a_batch_as_the_mean_over_alternating_steps():
     from benchmarks.step import figures
 
-    # S = 1: engine time per step alternates 0.7 / 1.3 s (the median of these four is 1.0,
-    # of three would be either mode); the batch's generation is their mean
+    # S = 1: engine time per step alternates 0.7 / 1.3 s; over the three measured steps the
+    # median lands on 0.7, the batch's generation is their mean, 0.9
     rows = [_row(1, 0.0, response_length=10.0)]
-    for k, (start, eng) in enumerate([(2.0, 0.7), (3.0, 1.3), (4.5, 0.7), (5.5, 1.3), (7.0, 0.7)]):
+    for k, (start, eng) in enumerate([(2.0, 0.7), (3.0, 1.3), (4.5, 0.7), (5.5, 1.3)]):
         rows.append(_row(k + 2, start, response_length=10.0, **{"time/generate_engine": eng, "train/seconds": 0.8}))
     outside = {"raw_vllm_s": 0.8, "hf_generate_s": 0.5, "batch_tokens": 1000.0, "raw_torch_step_s": 1.0}
     steps, f = figures(rows, 1, 256, True, outside)
-    assert [s["step"] for s in steps] == [2, 3, 4, 5]
-    assert f["generate_per_batch_s"] == pytest.approx(1.0) and f["in_job_vs_raw_vllm"] == pytest.approx(1.25)
-    assert f["mean_period_s"] == pytest.approx(1.25) and f["samples_per_s_mean"] == pytest.approx(256 / 1.25)
-    assert f["overhead_share"] == pytest.approx(1 - 1.0 / 1.25)  # against the larger side: generation
+    assert [s["step"] for s in steps] == [2, 3, 4]
+    assert f["median"]["generate_compute_s"] == pytest.approx(0.7) and f["median"]["period_s"] == pytest.approx(1.0)
+    assert f["generate_per_batch_s"] == pytest.approx(0.9) and f["in_job_vs_raw_vllm"] == pytest.approx(0.9 / 0.8)
+    assert f["mean_period_s"] == pytest.approx(3.5 / 3) and f["samples_per_s_mean"] == pytest.approx(256 / (3.5 / 3))
+    assert f["overhead_share"] == pytest.approx(1 - 0.9 / (3.5 / 3))  # against the larger side: generation
     _, serial = figures(rows, 1, 256, False, outside)
-    assert serial["overhead_share"] == pytest.approx(1 - 1.8 / 1.25)  # S = 0 would have to add them
+    assert serial["overhead_share"] == pytest.approx(1 - 1.7 / (3.5 / 3))  # S = 0 would have to add them
     assert f["learner_vs_raw_torch"] == pytest.approx(0.8)
 
 
@@ -70,10 +71,16 @@ def test_peer_figures_median_and_mean_and_pairs():
     assert f["ours_median_s"] == pytest.approx(0.8) and f["ours_mean_s"] == pytest.approx(5.6 / 5)
     assert f["speedup_vs_trl"] == pytest.approx(1.25) and f["speedup_vs_trl_mean"] == pytest.approx(1.0 / 1.12)
     assert f["ours_samples_per_s_mean"] == pytest.approx(256 / 1.12)
-    pairs = [figures(mine, theirs, 1, 256), figures(mine, [t * 2 for t in theirs], 1, 256),
-             figures(mine, [t / 2 for t in theirs], 1, 256)]
-    assert combine(pairs)["speedup_vs_trl"] == pytest.approx(1.25)  # the middle pair's ratio
-    assert combine(pairs)["speedup_vs_trl_mean"] == pytest.approx(1.0 / 1.12)
+    # three pairs on a drifting machine: the ratio is the median of each pair's own ratio
+    # (1.25, 2.5, 0.3125 -> 1.25); the seconds are each figure's own median over the pairs
+    pairs = [figures(mine, theirs, 1, 256), figures([m / 2 for m in mine], theirs, 1, 256),
+             figures([m * 4 for m in mine], theirs, 1, 256)]
+    both = combine(pairs)
+    assert both["speedup_vs_trl"] == pytest.approx(1.25) and both["ours_median_s"] == pytest.approx(0.8)
+    assert both["speedup_vs_trl_mean"] == pytest.approx(1.0 / 1.12)
+    pairs[0] = figures(mine, [t * 3 for t in theirs], 1, 256)  # 3.75x: now the middle pair is the fast one
+    assert combine(pairs)["speedup_vs_trl"] == pytest.approx(2.5)
+    assert combine(pairs)["ours_median_s"] == pytest.approx(0.8)  # seconds: their own median
 
 
 def test_targets_say_met_or_missed():
@@ -96,6 +103,24 @@ def test_targets_say_met_or_missed():
     results["pipeline"]["results"].update(speedup=1.2, speedup_of_cap=1.2 / 1.6)
     (pipe,) = [r for r in targets(results) if r[0].startswith("async / sync")]
     assert pipe[3] == "no"
+
+
+def test_target_rows_read_old_and_new_reports():
+    step_old = {"overhead_share": 0.04, "median": {"period_s": 2.5, "generate_compute_s": 1.2}, "samples_per_s": 102.0,
+                "in_job_vs_raw_vllm": 1.5, "raw_vllm_s": 0.8, "hf_generate_s": 0.5}
+    step_new = {**step_old, "mean_period_s": 2.0, "samples_per_s_mean": 128.0, "generate_per_batch_s": 0.9,
+                "in_job_vs_raw_vllm": 0.9 / 0.8}
+    peer_old = {"speedup_vs_trl": 0.8, "ours_median_s": 1.25, "trl_median_s": 1.0}
+    peer_new = {**peer_old, "speedup_vs_trl_mean": 0.7, "ours_mean_s": 1.43, "trl_mean_s": 1.0}
+    for step, peer, label, gen in ((step_old, peer_old, "(2.50 s, 102 samples/s)", "(1.20 vs"),
+                                   (step_new, peer_new, "(2.00 s, 128 samples/s)", "(0.90 vs")):
+        rows = targets({"step": {"results": step}, "peer": {"results": peer}})
+        (over,) = [r for r in rows if r[0].startswith("orchestration")]
+        (inj,) = [r for r in rows if r[0].startswith("in-job")]
+        (vs,) = [r for r in rows if r[0].startswith("samples/s vs TRL")]
+        assert label in over[0] and gen in inj[0] and vs[1:] == ["0.80", ">= 1.0", "no"]
+        assert ("by mean step times 1.43 vs 1.00 s: 0.70x" in vs[0]) == (peer is peer_new)
+    assert inj[1:] == ["1.12", "<= 1.15", "yes"]
 
 
 def test_summary_is_rebuilt_from_the_reports_on_disk(tmp_path):
