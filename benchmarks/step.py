@@ -179,9 +179,9 @@ def breakdown(rows: list[dict[str, Any]], warmup: int, overlapped: bool = False)
 
 
 def figures(rows: list[dict[str, Any]], warmup: int, samples: int, overlapped: bool,
-            outside: dict[str, float]) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    """The job's metrics rows and the same batch measured outside it -> the measured steps
-    and the figures. One batch is generated per step, but not within it: with S >= 1 a
+            outside: dict[str, float]) -> dict[str, Any]:
+    """The job's metrics rows and the same batch measured outside it -> the figures (the
+    measured steps under "steps", each column's median and mean over them). One batch is generated per step, but not within it: with S >= 1 a
     step's engine time alternates between batches that took a weight update mid-flight and
     batches that did not, so a per-step median can land on either mode. A batch's
     generation is the engine's total over the measured steps divided by them, and the
@@ -190,13 +190,13 @@ def figures(rows: list[dict[str, Any]], warmup: int, samples: int, overlapped: b
         row["tokens"] = row["response_length"] * row["samples"]
     steps = breakdown(rows, warmup, overlapped)
     med = {k: median([s[k] for s in steps]) for k in steps[0] if k != "step"}
+    mean = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0] if k != "step"}
     period = med["period_s"]
-    per_batch, mean_train, mean_period = (sum(s[k] for s in steps) / len(steps)
-                                          for k in ("generate_compute_s", "train_compute_s", "period_s"))
+    per_batch, mean_train, mean_period = mean["generate_compute_s"], mean["train_compute_s"], mean["period_s"]
     bound = max(per_batch, mean_train) if overlapped else per_batch + mean_train
     learner_s = rows[-1]["train/seconds"]  # the last batch's train step, against a bare torch step of it
-    return steps, {
-        "measured_steps": [s["step"] for s in steps], "median": med, "steps": steps,
+    return {
+        "measured_steps": [s["step"] for s in steps], "median": med, "mean": mean, "steps": steps,
         "samples_per_s": samples / period, "tokens_per_s": med["tokens"] / period,
         "mean_period_s": mean_period, "samples_per_s_mean": samples / mean_period,
         "generate_per_batch_s": per_batch, "overhead_share": 1 - bound / mean_period,
@@ -273,15 +273,15 @@ def main(argv: list[str] | None = None) -> dict:
         outside = same_batch(cfg, Path(summary["run_dir"]), args.steps, args.reps)
     finally:
         ray.shutdown()
-    steps, result = figures(rows, args.warmup, cfg.run.prompts_per_step * cfg.rollout.n, cfg.run.max_staleness > 0,
-                            outside)
+    result = figures(rows, args.warmup, cfg.run.prompts_per_step * cfg.rollout.n, cfg.run.max_staleness > 0, outside)
     result["run_dir"] = summary["run_dir"]
-    med, period = result["median"], result["median"]["period_s"]
+    steps, mean, period = result["steps"], result["mean"], result["median"]["period_s"]
     per_batch, mean_period = result["generate_per_batch_s"], result["mean_period_s"]
+    # the table: means over the measured steps (what the headline figures are), so its columns agree
     headers = ["", "step", *PHASES, "vLLM", "learner", "overhead", "raw vLLM", "HF generate"]
-    row = [period, *[med[f"{p}_s"] for p in PHASES], med["generate_compute_s"], med["train_compute_s"], med["overhead_s"],
-           outside["raw_vllm_s"], outside["hf_generate_s"]]
-    table = [["seconds", *row], ["share of step", *[v / period for v in row]]]
+    row = [mean_period, *[mean[f"{p}_s"] for p in PHASES], per_batch, mean["train_compute_s"],
+           mean_period * result["overhead_share"], outside["raw_vllm_s"], outside["hf_generate_s"]]
+    table = [["seconds (mean)", *row], ["share of step", *[v / mean_period for v in row]]]
     log(f"a batch's generation: in the job {per_batch:.2f} s (engine steps, mean over the measured steps), raw vLLM "
         f"{outside['raw_vllm_s']:.2f} s, HF generate {outside['hf_generate_s']:.2f} s, same cores")
     log(f"the learner on that batch: {result['learner_step_s']:.2f} s ({result['learner_tokens_per_s']:.0f} tokens/s) "

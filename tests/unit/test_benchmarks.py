@@ -49,13 +49,14 @@ def test_step_figures_take_a_batch_as_the_mean_over_alternating_steps():
     for k, (start, eng) in enumerate([(2.0, 0.7), (3.0, 1.3), (4.5, 0.7), (5.5, 1.3)]):
         rows.append(_row(k + 2, start, response_length=10.0, **{"time/generate_engine": eng, "train/seconds": 0.8}))
     outside = {"raw_vllm_s": 0.8, "hf_generate_s": 0.5, "batch_tokens": 1000.0, "raw_torch_step_s": 1.0}
-    steps, f = figures(rows, 1, 256, True, outside)
-    assert [s["step"] for s in steps] == [2, 3, 4]
+    f = figures(rows, 1, 256, True, outside)
+    assert [s["step"] for s in f["steps"]] == [2, 3, 4]
     assert f["median"]["generate_compute_s"] == pytest.approx(0.7) and f["median"]["period_s"] == pytest.approx(1.0)
+    assert f["mean"]["generate_compute_s"] == pytest.approx(0.9) and f["mean"]["train_compute_s"] == pytest.approx(0.8)
     assert f["generate_per_batch_s"] == pytest.approx(0.9) and f["in_job_vs_raw_vllm"] == pytest.approx(0.9 / 0.8)
     assert f["mean_period_s"] == pytest.approx(3.5 / 3) and f["samples_per_s_mean"] == pytest.approx(256 / (3.5 / 3))
     assert f["overhead_share"] == pytest.approx(1 - 0.9 / (3.5 / 3))  # against the larger side: generation
-    _, serial = figures(rows, 1, 256, False, outside)
+    serial = figures(rows, 1, 256, False, outside)
     assert serial["overhead_share"] == pytest.approx(1 - 1.7 / (3.5 / 3))  # S = 0 would have to add them
     assert f["learner_vs_raw_torch"] == pytest.approx(0.8)
 
