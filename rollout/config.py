@@ -53,11 +53,23 @@ class RolloutConfig(Section):
     """GPUs per engine (tensor parallel)."""
     enforce_eager: bool = True
     """Skip graph capture / compilation: faster start-up, which dominates small jobs."""
-    partial: bool = True
-    """Partial rollouts: a weight update lands between two engine steps, and sequences in
-    flight continue under the new weights (their KV cache re-prefilled); each sample
-    records the versions that produced it. False: an update waits until the requests
-    in flight finish (no new ones start meanwhile)."""
+    partial: Literal["recompute", "keep", "off"] = "keep"
+    """Partial rollouts: how a weight update meets the sequences in flight.
+    recompute: it lands between two engine steps, and the running sequences are
+    re-prefilled under the new weights (no token is sampled over KV computed with the
+    old ones; verl's way). keep: it lands between two engine steps, and the running
+    sequences keep their KV cache, so tokens after the update are drawn by the new
+    weights over the old weights' KV of what came before (PipelineRL's, AReaL's and
+    SkyRL's way; the recorded logprobs are still those the tokens were drawn with).
+    New requests never reuse a cached prefix from older weights: the prefix cache is
+    salted with the weight version. off: an update waits until the requests in flight
+    finish, and no new one starts meanwhile. In every mode each sample records the
+    versions that produced its tokens. true / false are read as recompute / off."""
+
+    @field_validator("partial", mode="before")
+    @classmethod
+    def _partial_from_bool(cls, value):
+        return {True: "recompute", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("top_p")
     @classmethod

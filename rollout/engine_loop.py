@@ -82,7 +82,7 @@ class EngineLoop:
         self._updating = False  # GPU: between start_ and finish_weight_update, no engine steps
         self.adapter = None  # the LoRARequest every new request samples with (learner.lora.push=adapter)
         self._adapters = 0
-        self._hold = False  # no new requests until the update lands (not partial)
+        self._hold = False  # no new requests until the update lands (rollout.partial=off)
         self._closed = False
         self._error: BaseException | None = None
         self._ids = itertools.count()
@@ -145,10 +145,17 @@ class EngineLoop:
         # Token ids in: the driver tokenised the prompt once (cluster/data.py apply_template);
         # a row without them (a bare list, or text) is sampled as given.
         prompt = job.row.pop("prompt_ids", None) or job.row["prompt"]
+        # The version salts the prefix cache: a new request never reuses KV that older
+        # weights computed (rollout.partial=keep leaves it cached while running requests hold it).
+        salt = f"v{self.version}"
         if isinstance(prompt, list):
             from vllm.inputs import TokensPrompt
 
-            prompt = TokensPrompt(prompt_token_ids=list(prompt))
+            prompt = TokensPrompt(prompt_token_ids=list(prompt), cache_salt=salt)
+        else:
+            from vllm.inputs import TextPrompt
+
+            prompt = TextPrompt(prompt=prompt, cache_salt=salt)
         for k, seed in enumerate(job.seeds):
             params = sample_params(self.cfg, seed, job.sampling, self.stop_ids)
             if job.sampling and job.sampling.get("prompt_logprobs"):

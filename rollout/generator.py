@@ -4,11 +4,12 @@ The engine (rollout/engine.py) runs in the actor's own process and is stepped by
 loop thread (rollout/engine_loop.py), which owns it. So prompts can be submitted while
 others are being sampled (continuous batching across steps of the learner), finished
 groups are collected as they complete, and a weight update lands either once the
-requests in flight are done (`rollout.partial: false`) or between two engine steps
-(`partial: true`): in-flight sequences then continue under the new weights, their KV
-cache rebuilt with them (the running requests are re-prefilled, so no token is sampled
-from a cache computed with the old weights). How an update comes in depends on the
-platform (rollout/receivers/).
+requests in flight are done (`rollout.partial: off`) or between two engine steps: in-flight
+sequences then continue under the new weights, either with their KV cache rebuilt
+(`recompute`: the running requests are re-prefilled, so no token is sampled from a cache
+computed with the old weights) or with it kept (`keep`: no re-prefill). Either way new
+requests never reuse a prefix cached under older weights. How an update comes in
+depends on the platform (rollout/receivers/).
 
 Every sample is its own vLLM request with its own seed (rollout/seeds.py), and records
 the behaviour logprob of each token and the policy versions that produced its tokens.
@@ -48,7 +49,9 @@ class Generator:
         self.llm.update_weight_version(str(version))
         self.init_seconds = time.perf_counter() - t0
         self.loop = EngineLoop(self.llm, cfg, index, version)
-        self.receiver = receiver_for_platform(self.loop, cfg.partial and not lora_rank)
+        # an adapter is fixed when a request starts: with LoRA adapter pushes, updates wait
+        self.partial = "off" if lora_rank else cfg.partial
+        self.receiver = receiver_for_platform(self.loop, self.partial != "off")
         self.sync_peer: str | None = None  # the learner's rendezvous address:port, once connected
 
     # ------------------------------------------------------------ sampling
@@ -142,7 +145,7 @@ class Generator:
         self.loop.run(lambda: self.llm.init_weight_transfer_engine({"init_info": init_info}))
 
     def start_weight_update(self) -> None:
-        """Without rollout.partial, no new request starts from here until the update has
+        """With rollout.partial=off, no new request starts from here until the update has
         landed, which waits for the requests in flight to finish."""
         t0 = time.perf_counter()
         self._wake("weights")  # the offloaded weights back in place, for the new ones to overwrite
@@ -160,9 +163,12 @@ class Generator:
             self.llm.finish_weight_update(weight_version=str(weight_version))
             if self.serves_adapter:  # requests from now on sample with the adapter just written
                 self.loop.use_adapter(self.llm.collective_rpc("received_adapter_path")[0], weight_version)
-            # KV computed with the old weights must not be reused: cached prefixes are
-            # dropped, and running requests re-prefilled under the new weights.
-            self.llm.reset_prefix_cache(reset_running_requests=self.loop.in_flight())
+            # KV computed with the old weights: no new request reuses it (the loop salts the
+            # prefix cache with the version), and it is dropped from the cache now unless
+            # running requests hold it. `recompute` re-prefills them under the new weights;
+            # `keep` lets them go on over it.
+            if self.partial != "keep" or not self.loop.in_flight():
+                self.llm.reset_prefix_cache(reset_running_requests=self.loop.in_flight())
             self.loop.landed(weight_version)
             self.loop.time("sync/pause", time.perf_counter() - paused_at)
 

@@ -26,7 +26,7 @@ class WeightReceiver(Protocol):
     """Whether `load` waits for the requests in flight to finish."""
 
     def start(self) -> None:
-        """An update begins; without rollout.partial, no new request starts from here
+        """An update begins; with rollout.partial=off, no new request starts from here
         until it has landed."""
 
     def receive(self, update_info: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """CPU: an update is received off the engine loop, into the arena each worker keeps
 across syncs (rollout/weight_sync.py), while the engine keeps sampling; only the load,
-between two engine steps, pauses it. Without rollout.partial, the load waits for the
+between two engine steps, pauses it. With rollout.partial=off, the load waits for the
 requests in flight to finish (and no new one starts from `start` on)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """GPU: the engine stops stepping from `start` (after the requests in flight finish,
-without rollout.partial) to the finish, while buckets stream straight into the model
+with rollout.partial=off) to the finish, while buckets stream straight into the model
 through vLLM's update_weights (the next bucket arrives while one loads)."""
 from __future__ import annotations
 

@@ -9,13 +9,13 @@ import ray
 
 from cluster.actors.factory import ActorFactory
 from rollout.seeds import sample_seeds
-from tests.helpers import SEQ, hf_logprobs, placed
+from tests.helpers import SEQ, hf_logprobs, placed, synthetic_groups
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_model):
-    cfg = placed(["rollout.num_generators=2", "rollout.n=4", "rollout.max_tokens=6", "rollout.temperature=0.7",
-                  "learner.lr=0.01", "sync.bucket_mb=0.5", "run.prompts_per_step=2"])
+    cfg = placed(["rollout.num_generators=2", "rollout.partial=recompute", "rollout.n=4", "rollout.max_tokens=6",
+                  "rollout.temperature=0.7", "learner.lr=0.01", "sync.bucket_mb=0.5", "run.prompts_per_step=2"])
     factory = ActorFactory.for_job(cfg, str(tiny_model))
     gens, learners = factory.generators(), factory.learner_group()
     ray.get([a.ready.remote() for a in gens + learners.ranks])
@@ -156,3 +156,65 @@ def test_a_partial_rollout_update_lands_mid_sequence(stack):
         assert len(s.logprobs) == len(s.completion_ids)
     timings = ray.get(gens[0].take_timings.remote())
     assert 0 < timings["sync/pause"] < timings["sync/receive"] + timings["sync/finish"]
+
+
+def test_partial_keep_goes_on_over_the_old_kv_and_new_requests_never_reuse_it(stack, tiny_model):
+    """rollout.partial=keep against recompute (gens[0]), one update landing mid-sequence on
+    both: before it, tokens are the old weights'; after it, recompute's are exactly the new
+    weights' over the whole sequence, keep's are drawn over the old KV of the prefix. A new
+    request on the keep engine, with a prompt whose first KV block the old weights cached,
+    is scored wholly by the new weights (the cache is salted with the version)."""
+    cfg, gens, learners = stack
+    version = ray.get(gens[0].ready.remote())["version"]
+    ray.kill(gens[1], no_restart=True)
+    factory = ActorFactory.for_job(cfg, str(tiny_model))
+    factory.rollout = factory.rollout.model_copy(update={"partial": "keep"})
+    gens[1] = factory.generator(1, version)
+    ray.get(gens[1].ready.remote())
+    learners.connect(gens)
+    learners.push(version)  # the new engine gets the learner's weights
+    old_state = ray.get(learners.ranks[0].state_dict_numpy.remote())
+    learners.train(synthetic_groups(num_groups=2, seed=11))
+    new_state = ray.get(learners.ranks[0].state_dict_numpy.remote())
+
+    prompt = [40 + i % 50 for i in range(130)]  # longer than one KV block (128 tokens on CPU)
+    ray.get([g.generate.remote([{"prompt": prompt}], [[1]], {"max_tokens": 4}) for g in gens])  # both warm
+    jobs = [(200 + i, {"prompt": prompt}, sample_seeds(0, "keep", i, 4)) for i in range(8)]
+    steps = [h["steps"] for h in ray.get([g.health.remote() for g in gens])]
+    ray.get([g.submit.remote(jobs, {"max_tokens": 120}) for g in gens])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        hs = ray.get([g.health.remote() for g in gens])
+        if all(h["steps"] >= s + 2 and h["load"] > 0 for h, s in zip(hs, steps)):
+            break
+        time.sleep(0.005)
+    else:
+        raise AssertionError(f"the samples were never in flight on both engines at once: {hs}")
+    learners.push(version + 1)
+    [fresh] = ray.get(gens[1].generate.remote([{"prompt": prompt}], [[7, 8]], {"max_tokens": 8}))
+
+    def straddling(gen):
+        groups = []
+        while len(groups) < len(jobs):
+            groups += ray.get(gen.collect.remote(10.0))
+        out = [s for g in groups for s in g.samples if len(s.versions) == 2]
+        assert out, [(s.versions, len(s.completion_ids), s.finish_reason) for g in groups for s in g.samples]
+        return out
+
+    def scored(state, sample):
+        return hf_logprobs(tiny_model, state, prompt + sample.completion_ids, temperature=0.7)[len(prompt) - 1:]
+
+    for mode, gen in (("keep", gens[1]), ("recompute", gens[0])):
+        for s in straddling(gen):
+            (_, _), (new, k) = s.versions
+            assert new == version + 1 and 0 < k < len(s.completion_ids)
+            lp = np.array(s.logprobs)
+            assert np.abs(lp[:k] - scored(old_state, s)[:k]).max() < 1e-4, mode
+            after = np.abs(lp[k:] - scored(new_state, s)[k:]).max()
+            if mode == "recompute":
+                assert after < 1e-4  # re-prefilled: the new weights over the whole sequence
+            else:
+                assert after > 1e-3  # the old KV of the prefix: not what recompute gives
+    for s in fresh.samples:  # never the old weights' cached block of the prompt
+        assert s.versions == [(version + 1, 0)]
+        assert np.abs(np.array(s.logprobs) - scored(new_state, s)).max() < 1e-4

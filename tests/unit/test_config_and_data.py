@@ -44,12 +44,19 @@ def test_overrides_and_yaml_compose(tmp_path):
         ("learner.lora.target_modules=[q_proj,qkv]", "learner.lora.target_modules: unknown or no target modules ['qkv']"),
         ("learner.lora.target_modules=[]", "learner.lora.target_modules: unknown or no target modules []"),
         ("learner.lora.rank=-1", "learner.lora.rank: Input should be greater than or equal to 0"),
+        ("rollout.partial=sometimes", "rollout.partial: Input should be 'recompute', 'keep' or 'off'"),
     ],
 )
 def test_bad_config_names_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("value, mode", [("true", "recompute"), ("false", "off"), ("keep", "keep"), ("off", "off")])
+def test_partial_reads_the_old_booleans_as_modes(value, mode):
+    """Configs written when rollout.partial was a boolean still load, as the same behaviour."""
+    assert load_config(None, [f"rollout.partial={value}"]).rollout.partial == mode
 
 
 def test_a_lora_run_refuses_another_kl_reference():
