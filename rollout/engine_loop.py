@@ -77,12 +77,14 @@ class EngineLoop:
         self._cv = threading.Condition()
         self._pending: list[_Job] = []
         self._commands: list[_Command] = []
-        self._requests: dict[str, tuple[_Job, int]] = {}
+        self._requests: dict[str, tuple[_Job, int, int]] = {}  # request id -> job, sample index, version when added
         self._finished: list[Group] = []
         self._updating = False  # GPU: between start_ and finish_weight_update, no engine steps
         self.adapter = None  # the LoRARequest every new request samples with (learner.lora.push=adapter)
         self._adapters = 0
         self._hold = False  # no new requests until the update lands (rollout.partial=off)
+        self.keeps_kv = False  # rollout.partial=keep: running requests keep their KV across an update
+        self._landings = 0  # updates landed: part of the prefix cache's salt
         self._closed = False
         self._error: BaseException | None = None
         self._ids = itertools.count()
@@ -147,7 +149,9 @@ class EngineLoop:
         prompt = job.row.pop("prompt_ids", None) or job.row["prompt"]
         # The version salts the prefix cache: a new request never reuses KV that older
         # weights computed (rollout.partial=keep leaves it cached while running requests hold it).
-        salt = f"v{self.version}"
+        # The count of updates landed makes it unique even when a version number comes back
+        # (a learner restarted from a checkpoint pushes its version again).
+        salt = f"v{self.version}.{self._landings}"
         if isinstance(prompt, list):
             from vllm.inputs import TokensPrompt
 
@@ -159,9 +163,10 @@ class EngineLoop:
         for k, seed in enumerate(job.seeds):
             params = sample_params(self.cfg, seed, job.sampling, self.stop_ids)
             if job.sampling and job.sampling.get("prompt_logprobs"):
-                params.prompt_logprobs = 0
+                params.prompt_logprobs = 0  # set after SamplingParams' own checks: so is the cache skip
+                params.skip_reading_prefix_cache = True  # cached positions would have no prompt logprobs
             rid = f"g{self.index}-{next(self._ids)}"
-            self._requests[rid] = (job, k)
+            self._requests[rid] = (job, k, self.version)
             self.llm.llm_engine.add_request(rid, prompt, params, lora_request=self.adapter)
 
     def _step(self) -> None:
@@ -174,8 +179,8 @@ class EngineLoop:
         done = []
         for out in outputs:
             if out.finished:
-                job, k = self._requests.pop(out.request_id)
-                job.samples[k] = self._sample(out, job.seeds[k])
+                job, k, added = self._requests.pop(out.request_id)
+                job.samples[k] = self._sample(out, job.seeds[k], added)
                 job.prompt_ids = list(out.prompt_token_ids)
                 if job.sampling and job.sampling.get("prompt_logprobs"):
                     job.row = {**job.row, "prompt_logprobs": [
@@ -193,12 +198,17 @@ class EngineLoop:
                 self._cv.notify_all()
         self.time("generate/convert", time.perf_counter() - t1)
 
-    def _sample(self, out: Any, seed: int) -> Sample:
+    def _sample(self, out: Any, seed: int, added: int) -> Sample:
         c = out.outputs[0]
         ids = list(c.token_ids)
         logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs)] if c.logprobs is not None else []
         spans = c.weight_versions or []
         versions = [(int(s.version), s.start) for s in spans if s.end > s.start] or [(self.version, 0)]
+        if self.keeps_kv and versions[0][0] > added:
+            # Added before an update but prefilled after it (queued in vLLM): with
+            # rollout.partial=keep its prompt may have reused KV cached by the older weights
+            # it was salted with, so that version counts (for staleness) from token 0.
+            versions.insert(0, (added, 0))
         text = self._tokenizer.decode(ids, skip_special_tokens=True)
         return Sample(ids, logprobs, text, c.finish_reason or "length", versions, seed)
 
@@ -259,7 +269,7 @@ class EngineLoop:
 
     def abort_all(self) -> int:
         def abort() -> int:
-            jobs = {id(job): job for job, _ in self._requests.values()}
+            jobs = {id(job): job for job, *_ in self._requests.values()}
             self.llm.llm_engine.abort_request(list(self._requests))
             self._requests.clear()
             return len(jobs)
@@ -315,4 +325,5 @@ class EngineLoop:
     def landed(self, version: int) -> None:
         """On the loop thread: the engine serves `version`; sampling goes on."""
         self.version = version
+        self._landings += 1
         self._updating = self._hold = False

@@ -52,6 +52,7 @@ class Generator:
         # an adapter is fixed when a request starts: with LoRA adapter pushes, updates wait
         self.partial = "off" if lora_rank else cfg.partial
         self.receiver = receiver_for_platform(self.loop, self.partial != "off")
+        self.loop.keeps_kv = self.partial == "keep"
         self.sync_peer: str | None = None  # the learner's rendezvous address:port, once connected
 
     # ------------------------------------------------------------ sampling
