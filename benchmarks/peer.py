@@ -195,16 +195,19 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.model.path = prepare_model(cfg, log) if args.size == "default" else random_model("25M", out)[0]
     batch = cfg.run.prompts_per_step * cfg.rollout.n
     pairs, runs = [], []
+
+    def trl_side(tag: str) -> tuple[list[float], dict]:
+        log(f"TRL: {args.steps} steps of GRPOTrainer{tag}")
+        return peer(cfg, args.steps, out)
+
     for r in range(args.repeats):
         tag = f" (pair {r + 1} of {args.repeats})" if args.repeats > 1 else ""
         if r % 2:  # every other pair TRL goes first: drift within a pair favours neither side
-            log(f"TRL: {args.steps} steps of GRPOTrainer{tag}")
-            theirs, trl_info = peer(cfg, args.steps, out)
+            theirs, trl_info = trl_side(tag)
         log(f"ours: {args.steps} steps of `grpo train` ({cfg.cluster.placement}, S={cfg.run.max_staleness}){tag}")
         mine = ours(cfg.model_copy(deep=True), args.steps, out)
         if not r % 2:
-            log(f"TRL: {args.steps} steps of GRPOTrainer{tag}")
-            theirs, trl_info = peer(cfg, args.steps, out)
+            theirs, trl_info = trl_side(tag)
         pairs.append(figures(mine, theirs, args.warmup, batch))
         runs.append({"ours_step_s": mine, "trl_step_s": theirs})
         if args.repeats > 1:

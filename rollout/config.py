@@ -61,15 +61,15 @@ class RolloutConfig(Section):
     sequences keep their KV cache, so tokens after the update are drawn by the new
     weights over the old weights' KV of what came before (PipelineRL's, AReaL's and
     SkyRL's way; the recorded logprobs are still those the tokens were drawn with).
-    New requests never reuse a cached prefix from older weights: the prefix cache is
-    salted with the weight version. off: an update waits until the requests in flight
+    A request added after an update never reuses a prefix cached under older weights:
+    the prefix cache is salted with the weights served. off: an update waits until the requests in flight
     finish, and no new one starts meanwhile. In every mode each sample records the
     versions that produced its tokens. true / false are read as recompute / off."""
 
     @field_validator("partial", mode="before")
     @classmethod
     def _partial_from_bool(cls, value):
-        return {True: "recompute", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        return ("recompute" if value else "off") if isinstance(value, bool) else value
 
     @field_validator("top_p")
     @classmethod

@@ -64,10 +64,11 @@ def _generation_eos(llm: Any) -> int | list[int] | None:
 
 class EngineLoop:
     """Steps `llm` on its own thread (started here); every other thread reaches the
-    engine through `run`. `version`: the weights the engine serves."""
+    engine through `run`. `version`: the weights the engine serves. `keeps_kv`
+    (rollout.partial=keep): running requests keep their KV cache across an update."""
 
-    def __init__(self, llm: Any, cfg: RolloutConfig, index: int, version: int) -> None:
-        self.llm, self.cfg, self.index, self.version = llm, cfg, index, version
+    def __init__(self, llm: Any, cfg: RolloutConfig, index: int, version: int, keeps_kv: bool = False) -> None:
+        self.llm, self.cfg, self.index, self.version, self.keeps_kv = llm, cfg, index, version, keeps_kv
         # vLLM detokenises no token as it samples (engine.sample_params): each finished
         # sample is decoded once here instead
         self._tokenizer = llm.get_tokenizer()
@@ -83,7 +84,6 @@ class EngineLoop:
         self.adapter = None  # the LoRARequest every new request samples with (learner.lora.push=adapter)
         self._adapters = 0
         self._hold = False  # no new requests until the update lands (rollout.partial=off)
-        self.keeps_kv = False  # rollout.partial=keep: running requests keep their KV across an update
         self._landings = 0  # updates landed: part of the prefix cache's salt
         self._closed = False
         self._error: BaseException | None = None
@@ -147,10 +147,10 @@ class EngineLoop:
         # Token ids in: the driver tokenised the prompt once (cluster/data.py apply_template);
         # a row without them (a bare list, or text) is sampled as given.
         prompt = job.row.pop("prompt_ids", None) or job.row["prompt"]
-        # The version salts the prefix cache: a new request never reuses KV that older
-        # weights computed (rollout.partial=keep leaves it cached while running requests hold it).
-        # The count of updates landed makes it unique even when a version number comes back
-        # (a learner restarted from a checkpoint pushes its version again).
+        # The weights served salt the prefix cache, so a request never reuses KV that older
+        # weights computed (partial=keep leaves it cached while running requests hold it).
+        # The version alone can come back (a learner restarted from a checkpoint pushes it
+        # again): the count of updates landed makes the salt unique.
         salt = f"v{self.version}.{self._landings}"
         if isinstance(prompt, list):
             from vllm.inputs import TokensPrompt

@@ -7,8 +7,8 @@ groups are collected as they complete, and a weight update lands either once the
 requests in flight are done (`rollout.partial: off`) or between two engine steps: in-flight
 sequences then continue under the new weights, either with their KV cache rebuilt
 (`recompute`: the running requests are re-prefilled, so no token is sampled from a cache
-computed with the old weights) or with it kept (`keep`: no re-prefill). Either way new
-requests never reuse a prefix cached under older weights. How an update comes in
+computed with the old weights) or with it kept (`keep`: no re-prefill). Either way a
+request added after an update never reuses a prefix cached under older weights. How an update comes in
 depends on the platform (rollout/receivers/).
 
 Every sample is its own vLLM request with its own seed (rollout/seeds.py), and records
@@ -48,11 +48,10 @@ class Generator:
         self.serves_adapter = bool(lora_rank)
         self.llm.update_weight_version(str(version))
         self.init_seconds = time.perf_counter() - t0
-        self.loop = EngineLoop(self.llm, cfg, index, version)
         # an adapter is fixed when a request starts: with LoRA adapter pushes, updates wait
         self.partial = "off" if lora_rank else cfg.partial
+        self.loop = EngineLoop(self.llm, cfg, index, version, keeps_kv=self.partial == "keep")
         self.receiver = receiver_for_platform(self.loop, self.partial != "off")
-        self.loop.keeps_kv = self.partial == "keep"
         self.sync_peer: str | None = None  # the learner's rendezvous address:port, once connected
 
     # ------------------------------------------------------------ sampling
@@ -168,8 +167,9 @@ class Generator:
             # prefix cache with the version), and it is dropped from the cache now unless
             # running requests hold it. `recompute` re-prefills them under the new weights;
             # `keep` lets them go on over it.
-            if self.partial != "keep" or not self.loop.in_flight():
-                self.llm.reset_prefix_cache(reset_running_requests=self.loop.in_flight())
+            running = self.loop.in_flight()
+            if not (running and self.partial == "keep"):
+                self.llm.reset_prefix_cache(reset_running_requests=running)
             self.loop.landed(weight_version)
             self.loop.time("sync/pause", time.perf_counter() - paused_at)
 
