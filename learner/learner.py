@@ -178,6 +178,8 @@ class Learner:
 
         # Every collective of the group has a deadline: a rank that died does not hang the others forever.
         deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=collective_timeout_s))
+        self.dtype, self.dtype_reason = self._agreed_dtype(cfg.dtype, "cuda" if dist_backend == "nccl" else "cpu")
+        self.cfg = cfg = cfg.model_copy(update={"dtype": self.dtype})  # concrete from here on (DeepSpeed, checkpoints)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         if cfg.gradient_checkpointing:  # activations recomputed in the backward: memory for compute
             model.config.use_cache = False
@@ -210,6 +212,19 @@ class Learner:
         self.broadcaster = None
         self.steps_done = 0
         self._version: int | None = None  # the policy version of this train step's weights
+
+    def _agreed_dtype(self, asked: str, device: str) -> tuple[str, str]:
+        """learner.dtype resolved on this rank (learner/precision.py); with auto, bf16 only
+        if every rank has it (one rank in fp32 would fail the group's collectives)."""
+        from learner.precision import resolve
+
+        dtype, why = resolve(asked, device)
+        if asked == "auto" and self.world_size > 1:
+            flag = torch.tensor([1.0 if dtype == "bfloat16" else 0.0], device="cuda" if device == "cuda" else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            if flag.item() < 1.0 and dtype == "bfloat16":
+                dtype, why = "float32", "auto: another rank's device has no native bf16"
+        return dtype, why
 
     # ----------------------------------------------------------------- training
     def _logprobs(self, model, micro: Micro) -> tuple[torch.Tensor, torch.Tensor]:
@@ -539,4 +554,5 @@ class Learner:
             return {k: v.detach().float().cpu().numpy().copy() for k, v in self.engine.module.state_dict().items()}
 
     def ready(self) -> dict[str, Any]:
-        return {"rank": self.rank, "node_id": node_id(), "pid": os.getpid(), "cores": self.cores}
+        return {"rank": self.rank, "node_id": node_id(), "pid": os.getpid(), "cores": self.cores,
+                "dtype": self.dtype, "dtype_reason": self.dtype_reason}

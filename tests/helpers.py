@@ -26,6 +26,9 @@ FULL_RUN = [
     "run.prompts_per_step=16", "rollout.n=8", "rollout.temperature=0.7", "learner.lr=2e-4",
     "run.progress=false", "cluster.num_cpus=2", "run.loggers=[jsonl,tensorboard]",
     "run.max_staleness=0",  # synchronous: the resume test compares parameters exactly
+    # fp32 (not the default auto: bf16 on a CPU with bf16 instructions): the tests read
+    # vLLM's logprobs equal to the learner's (< 1e-4) and compare resumed parameters exactly
+    "learner.dtype=float32",
 ]
 
 
@@ -43,13 +46,20 @@ def read_evals(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+# Integration tests compare the learner's numbers exactly (with vLLM's, across ranks and
+# ZeRO stages): they train in fp32 unless they ask otherwise (learner.dtype's default, auto,
+# is bf16 on a CPU with bf16 instructions).
+FP32 = "learner.dtype=float32"
+
+
 def placed(overrides: list[str]):
     """A config whose automatic resource shares are filled in from a (started) local Ray
-    of 2 CPUs, checked to fit: what `grpo train` does before it creates actors."""
+    of 2 CPUs, checked to fit: what `grpo train` does before it creates actors. fp32
+    unless the overrides set learner.dtype."""
     from cluster.actors.placement import place
     from cluster.config import load_config
 
-    return place(load_config(None, ["cluster.num_cpus=2", *overrides]), log=lambda msg: None)
+    return place(load_config(None, ["cluster.num_cpus=2", FP32, *overrides]), log=lambda msg: None)
 
 
 def kill_session(sid: int) -> None:

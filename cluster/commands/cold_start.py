@@ -61,9 +61,12 @@ def prepare_model(cfg: Config, log=print) -> str:
     c = cfg.model.cold_start
     start_ray(cfg.cluster)
     # the cold start builds the model every run of this key starts from: full fine-tuning,
-    # whatever the RL stage's learner.lora (a LoRA on a random model learns nothing here)
+    # whatever the RL stage's learner.lora (a LoRA on a random model learns nothing here),
+    # in float32 whatever its learner.dtype (the key leaves the precision out: every job of
+    # this key starts from the same weights)
     sft_cfg = learner_only(cfg)
-    sft_cfg = sft_cfg.model_copy(update={"learner": sft_cfg.learner.model_copy(update={"lora": LoRAConfig()})})
+    sft_cfg = sft_cfg.model_copy(update={"learner": sft_cfg.learner.model_copy(update={"lora": LoRAConfig(),
+                                                                                        "dtype": "float32"})})
     resolved = resolve_resources(sft_cfg, alive_nodes())
     log(f"cold start: {c.steps} SFT steps of {c.batch_size} on the built-in task ({len(pairs)} examples)")
     run_sft(resolved, str(tmp), pairs, SFTSettings(c.steps, c.batch_size, c.lr, c.seed), trained, log,

@@ -155,7 +155,8 @@ class Run:
         t0 = time.perf_counter()
         self.factory = ActorFactory.for_job(cfg, self.model_path)
         self.actors = start_actors(self.factory, cfg.cluster.start_timeout_s, self.state["policy_version"])
-        log(f"actors ready in {time.perf_counter() - t0:.1f} s")
+        rank0 = self.actors.info.get("learner rank 0", {})
+        log(f"actors ready in {time.perf_counter() - t0:.1f} s; learner in {rank0.get('dtype')} ({rank0.get('dtype_reason')})")
         self.version = self.state["policy_version"]
         self.sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, self.factory, self.actors.generators,
                               self.actors.learners, self.version, log)

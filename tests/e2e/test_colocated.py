@@ -22,7 +22,7 @@ STEPS = 5
 JOB = ["model.cold_start.steps=150", f"run.steps={STEPS}", "run.prompts_per_step=32", "rollout.n=8",
        "rollout.temperature=0.7", "learner.lr=1e-3", "run.max_staleness=0", "run.checkpoint_every=2",
        "run.progress=false", "cluster.num_cpus=2", "eval.every=0", "faults.health_interval_s=1",
-       "faults.health_timeout_s=5"]
+       "faults.health_timeout_s=5", "learner.dtype=float32"]  # logprobs and losses compared exactly
 CORES = sorted(os.sched_getaffinity(0))
 TICK = os.sysconf("SC_CLK_TCK")
 

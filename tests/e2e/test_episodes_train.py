@@ -16,7 +16,7 @@ EPISODE_RUN = [
     "model.cold_start.steps=150", "run.steps=4", "run.checkpoint_every=2", "run.prompts_per_step=8", "rollout.n=4",
     "run.max_staleness=0", "run.progress=false", "cluster.num_cpus=2", "eval.every=0", "env.name=retry",
     f"env.external={{command: [{sys.executable}, {EXAMPLES / 'retry_env.py'}]}}", "env.stop=[</answer>]",
-    "env.max_turns=3", "env.max_episode_tokens=96",
+    "env.max_turns=3", "env.max_episode_tokens=96", "learner.dtype=float32",  # logprobs compared exactly
 ]
 
 

@@ -11,7 +11,7 @@ from cluster.artifacts.record import load
 from tests.helpers import EXAMPLES, grpo, read_metrics
 
 GSM8K = EXAMPLES / "data" / "gsm8k_tiny.jsonl"
-SMALL = ["cluster.num_cpus=2", "data.template=chat", "rollout.max_model_len=512", "rollout.kv_cache_gib=0.5"]
+SMALL = ["cluster.num_cpus=2", "learner.dtype=float32", "data.template=chat", "rollout.max_model_len=512", "rollout.kv_cache_gib=0.5"]
 
 
 def cli(*args, timeout=600):

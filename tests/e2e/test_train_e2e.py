@@ -19,6 +19,7 @@ SHORT_RUN = [
     "learner.lr=1e-3",
     "run.progress=false",
     "run.max_staleness=0",
+    "learner.dtype=float32",  # the sampler's and the learner's logprobs compared exactly
 ]
 
 
@@ -85,7 +86,7 @@ HELD_OUT_JOB = [
     "model.cold_start.steps=150", "run.steps=12", "run.checkpoint_every=2", "run.keep_checkpoints=2",
     "run.prompts_per_step=16", "rollout.n=8", "rollout.temperature=0.7", "learner.lr=2e-4",
     "run.progress=false", "cluster.num_cpus=2", "run.loggers=[jsonl,tensorboard]",
-    "run.max_staleness=0",
+    "run.max_staleness=0", "learner.dtype=float32",
 ]
 
 

@@ -215,3 +215,28 @@ def test_a_non_finite_gradient_skips_the_step_and_bad_weights_are_never_sent(ray
             ray.get([r.broadcast_weights.remote(1) for r in group.ranks])
     finally:
         group.kill()
+
+
+def test_auto_precision_is_the_hardware_s_and_trains_close_to_fp32(ray_session, tiny_model):
+    """learner.dtype's default, auto: both ranks resolve it on their device (bf16 on this
+    CPU if it has bf16 instructions, else fp32), say which in ready(), hold their gradients
+    in it, and one step's loss and gradient stay near the fp32 learner's."""
+    from learner.precision import resolve
+
+    want, why = resolve("auto", "cpu")
+    auto = learner_group(tiny_model, 2, 8, lr=1e-30, dtype="auto")
+    fp32 = learner_group(tiny_model, 1, 16, lr=1e-30)
+    try:
+        answers = ray.get([r.ready.remote() for r in auto.ranks])
+        ready(fp32)
+        assert [a["dtype"] for a in answers] == [want, want] and all(a["dtype_reason"] == why for a in answers)
+        held = ray.get(auto.ranks[0].trainable.remote())
+        assert held["gradient_bytes"] == held["trainable_elements"] * (2 if want == "bfloat16" else 4)
+        groups = synthetic_groups()
+        [ref], got = run_step(fp32, groups), run_step(auto, groups)
+        for r in got:
+            assert r["train/loss"] == pytest.approx(ref["train/loss"], abs=2e-2)
+            assert_same_gradients(ref["gradients"], r["gradients"], rel=5e-2 if want == "bfloat16" else 1e-5)
+    finally:
+        auto.kill()
+        fp32.kill()
