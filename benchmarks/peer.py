@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", choices=["default", "25M"], default="default",
                         help="the default job's cold-started model, or a random 25M-parameter model")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--config", help="YAML config of our side's job (as grpo train --config), e.g. "
+                        "examples/cpu/compute-bound.yaml; TRL's side takes its job settings from it too")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides of our side's job")
     args = parser.parse_args(argv)
     if args.steps < args.warmup + 3:
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     out = Path(args.out)
-    cfg = load_config(None, [f"run.steps={args.steps}", "eval.every=0", "run.progress=false", *args.overrides])
+    cfg = load_config(args.config, [f"run.steps={args.steps}", "eval.every=0", "run.progress=false", *args.overrides])
     cfg.model.path = prepare_model(cfg, log) if args.size == "default" else random_model("25M", out)[0]
     batch = cfg.run.prompts_per_step * cfg.rollout.n
     pairs, runs = [], []

@@ -1,4 +1,7 @@
 """learner.dtype: auto -> bf16 where the device computes it natively (learner/precision.py)."""
+import sys
+import types
+
 import pytest
 
 from learner.precision import cpu_flags, native_bf16, resolve
@@ -39,3 +42,27 @@ def test_the_default_is_auto_and_an_unknown_dtype_is_refused_by_name():
 def test_this_machine_resolves_from_its_own_cpuinfo():
     has = native_bf16("cpu")[0]
     assert has == bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+
+
+def test_the_compute_bound_cpu_example_is_valid_and_colocated_bf16():
+    from cluster.config import load_config
+    from tests.helpers import EXAMPLES
+
+    cfg = load_config(EXAMPLES / "cpu" / "compute-bound.yaml")  # every key known, every value valid
+    assert cfg.cluster.placement == "colocated" and cfg.run.max_staleness == 0
+    assert cfg.rollout.dtype == "bfloat16" and cfg.learner.dtype == "auto" and cfg.learner.max_tokens_per_micro == 3456
+
+
+def test_grpo_bench_peer_reads_a_config_file(monkeypatch):
+    import benchmarks.peer as peer
+
+    seen = {}
+
+    def stop(path, overrides):
+        seen.update(path=path, overrides=overrides)
+        raise SystemExit(0)
+    monkeypatch.setattr("cluster.config.load_config", stop)
+    monkeypatch.setitem(sys.modules, "trl", types.ModuleType("trl"))  # the bench extra need not be installed
+    with pytest.raises(SystemExit):
+        peer.main(["--config", "x.yaml", "--steps", "9", "rollout.n=2"])
+    assert seen["path"] == "x.yaml" and "run.steps=9" in seen["overrides"] and seen["overrides"][-1] == "rollout.n=2"
