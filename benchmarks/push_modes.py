@@ -68,8 +68,9 @@ def mode_rows(size: str, path: str, params: int, modes: list[str], reps: int, ov
     vocab = AutoConfig.from_pretrained(path).vocab_size
     rows = []
     for mode in modes:
+        # fp32 unless the mode says bf16 (learner.dtype's default, auto, is bf16 on a bf16 CPU)
         cfg = resolved(load_config(None, ["rollout.num_generators=1", "learner.lr_schedule=constant",
-                                          *overrides, *MODES[mode]]))
+                                          "learner.dtype=float32", *overrides, *MODES[mode]]))
         factory = ActorFactory.for_job(cfg, path)
         [gen], learners = factory.generators(), factory.learner_group()
         try:

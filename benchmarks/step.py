@@ -69,8 +69,9 @@ class RawTorchStep:
     """The learner's limit: a bare torch forward + backward + AdamW step of a recorded
     batch (prompt + completion ids), micro-batches of learner.micro_batch_size sequences
     padded to their longest, on the learner rank's cores and threads, in the precision the
-    job's learner trained in (bf16: weights and activations in bf16, as DeepSpeed's bf16
-    mode); no DeepSpeed, no advantages, no proximal pass, no metrics."""
+    job's learner trained in (bf16: weights, activations and AdamW all in bf16, without
+    DeepSpeed's fp32 master weights: a lower bound); no DeepSpeed, no advantages, no
+    proximal pass, no metrics."""
 
     def __init__(self, model_path: str, micro: int, lr: float, weight_decay: float = 0.0,
                  dtype: str = "float32") -> None:

@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     from cluster.config import load_config
 
     started = time.perf_counter()
-    cfg = load_config(None, [f"rollout.num_generators={max(args.generators)}", *args.overrides])
+    # fp32 unless the overrides say otherwise: its plan counts 4 bytes per parameter
+    cfg = load_config(None, [f"rollout.num_generators={max(args.generators)}", "learner.dtype=float32", *args.overrides])
     start_ray()
     cfg = resolved(cfg)
     results, modes = [], []

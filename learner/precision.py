@@ -31,7 +31,7 @@ def native_bf16(device: str, flags: set[str] | None = None) -> tuple[bool, str]:
     if device == "cuda":
         import torch
 
-        ok = torch.cuda.is_bf16_supported()
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)  # Ampere and later, not emulated
         return ok, f"{torch.cuda.get_device_name()} {'supports' if ok else 'lacks'} bf16"
     found = [f for f in CPU_BF16_FLAGS if f in (cpu_flags() if flags is None else flags)]
     return bool(found), f"this CPU has {found[0]}" if found else "this CPU has no bf16 instructions"

@@ -30,7 +30,7 @@ from cluster.artifacts.metrics import MetricsLog, plot_training, slowest_generat
 from cluster.artifacts.record import Recorder, batch_records
 from cluster.commands.cold_start import prepare_model
 from cluster.commands.evaluate import evaluate
-from cluster.config import Config, ConfigError
+from cluster.config import Config, ConfigError, dump_config
 from cluster.data import PromptStream, eval_rows, format_rows, load_tokenizer, rl_rows
 from cluster.flow.episodes import episode_settings, observer
 from cluster.flow.pipeline import PipelineSettings, RolloutPipeline
@@ -157,6 +157,8 @@ class Run:
         self.actors = start_actors(self.factory, cfg.cluster.start_timeout_s, self.state["policy_version"])
         rank0 = self.actors.info.get("learner rank 0", {})
         log(f"actors ready in {time.perf_counter() - t0:.1f} s; learner in {rank0.get('dtype')} ({rank0.get('dtype_reason')})")
+        self._keep_precision(rank0.get("dtype"))
+        cfg = self.cfg
         self.version = self.state["policy_version"]
         self.sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, self.factory, self.actors.generators,
                               self.actors.learners, self.version, log)
@@ -177,6 +179,16 @@ class Run:
         self.checkpoint_s: list[float] = []  # seconds each checkpoint held the loop
         self.t_loop = time.perf_counter()
         self._start_pipeline(self.state)
+
+    def _keep_precision(self, dtype: str | None) -> None:
+        """learner.dtype auto, as the ranks resolved it, becomes the run's: a learner group
+        restarted on other nodes, a --resume or a replay on another machine trains in the
+        precision of the run's checkpoints (DeepSpeed's bf16 and fp32 states differ)."""
+        if dtype is None or dtype == self.cfg.learner.dtype:
+            return
+        self.cfg = self.cfg.model_copy(update={"learner": self.cfg.learner.model_copy(update={"dtype": dtype})})
+        self.factory.learner = self.cfg.learner
+        write_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
 
     def _start_pipeline(self, state: dict[str, Any]) -> None:
         stream = PromptStream(self.rows, self.cfg.data.seed, cursor=state["cursor"])

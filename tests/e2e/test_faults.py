@@ -104,6 +104,15 @@ def test_a_lost_learner_rank_restarts_the_group_from_the_last_checkpoint(runs_di
     assert sum(r["faults/learner_restarts"] for r in rows) == 1
     # only what came after the step-2 checkpoint was taken again (steps 3-4 at most)
     assert 0 < summary["prompts_redone_after_restarts"] <= 2 * 4
+    # learner.dtype's default, auto, as the ranks resolved it (bf16 on a CPU with bf16
+    # instructions) is the run's from then on: in its config.yaml, and the restarted group's
+    from cluster.config import load_config
+    from learner.precision import resolve
+
+    want = resolve("auto", "cpu")[0]
+    assert load_config(run_dir / "config.yaml").learner.dtype == want
+    actors = json.loads((run_dir / "actors.json").read_text())
+    assert [actors[f"learner rank {i}"]["dtype"] for i in (0, 1)] == [want, want]
     check_final_weights_load(run_dir)
 
 
