@@ -220,7 +220,7 @@ class Learner:
 
         dtype, why = resolve(asked, device)
         if asked == "auto" and self.world_size > 1:
-            flag = torch.tensor([1.0 if dtype == "bfloat16" else 0.0], device="cuda" if device == "cuda" else "cpu")
+            flag = torch.tensor([1.0 if dtype == "bfloat16" else 0.0], device=device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             if flag.item() < 1.0 and dtype == "bfloat16":
                 dtype, why = "float32", "auto: another rank's device has no native bf16"

@@ -155,9 +155,9 @@ class Run:
         t0 = time.perf_counter()
         self.factory = ActorFactory.for_job(cfg, self.model_path)
         self.actors = start_actors(self.factory, cfg.cluster.start_timeout_s, self.state["policy_version"])
-        rank0 = self.actors.info.get("learner rank 0", {})
-        log(f"actors ready in {time.perf_counter() - t0:.1f} s; learner in {rank0.get('dtype')} ({rank0.get('dtype_reason')})")
-        self._keep_precision(rank0.get("dtype"))
+        rank0 = self.actors.info["learner rank 0"]
+        log(f"actors ready in {time.perf_counter() - t0:.1f} s; learner in {rank0['dtype']} ({rank0['dtype_reason']})")
+        self._keep_precision(rank0["dtype"])
         cfg = self.cfg
         self.version = self.state["policy_version"]
         self.sup = Supervisor(cfg.faults, cfg.cluster.start_timeout_s, self.factory, self.actors.generators,
@@ -180,11 +180,11 @@ class Run:
         self.t_loop = time.perf_counter()
         self._start_pipeline(self.state)
 
-    def _keep_precision(self, dtype: str | None) -> None:
+    def _keep_precision(self, dtype: str) -> None:
         """learner.dtype auto, as the ranks resolved it, becomes the run's: a learner group
         restarted on other nodes, a --resume or a replay on another machine trains in the
         precision of the run's checkpoints (DeepSpeed's bf16 and fp32 states differ)."""
-        if dtype is None or dtype == self.cfg.learner.dtype:
+        if dtype == self.cfg.learner.dtype:
             return
         self.cfg = self.cfg.model_copy(update={"learner": self.cfg.learner.model_copy(update={"dtype": dtype})})
         self.factory.learner = self.cfg.learner
