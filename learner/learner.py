@@ -73,6 +73,14 @@ class NonFiniteWeights(RuntimeError):
     """The policy's weights hold NaN or inf: they must not reach the generators."""
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for the default process group's collectives: the current
+    GPU under NCCL (which refuses CPU tensors), else the CPU (gloo)."""
+    if torch.distributed.is_initialized() and "nccl" in str(torch.distributed.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips its step, on every rank, when any rank's gradient holds NaN
     or inf (DeepSpeed itself skips such steps only for some stages and dtypes).
@@ -85,7 +93,12 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.tensor([float(all(bool(torch.isfinite(g).all()) for g in grads))], dtype=torch.float64)
+        # One flag for all gradients (on a GPU: one host sync, not one per tensor), on the
+        # device the group's backend reduces on (NCCL refuses CPU tensors).
+        device = collective_device()
+        finite = torch.ones(1, dtype=torch.float64, device=device)
+        if grads:
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(device, torch.float64).reshape(1)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() < 1.0:
@@ -220,7 +233,7 @@ class Learner:
 
         dtype, why = resolve(asked, device)
         if asked == "auto" and self.world_size > 1:
-            flag = torch.tensor([1.0 if dtype == "bfloat16" else 0.0], device=device)
+            flag = torch.tensor([1.0 if dtype == "bfloat16" else 0.0], device=collective_device())
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             if flag.item() < 1.0 and dtype == "bfloat16":
                 dtype, why = "float32", "auto: another rank's device has no native bf16"
@@ -249,7 +262,7 @@ class Learner:
     def _global_sum(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=collective_device())
         torch.distributed.all_reduce(t)
         return t.tolist()
 
