@@ -9,6 +9,7 @@ rank, and weights that are not finite are never sent.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -497,10 +498,11 @@ class Learner:
         return self.broadcaster.send(version)
 
     def save_hf(self, path: str) -> str:
-        """Export the policy as an HF model directory (transformers and vLLM load it)."""
+        """Export the policy as an HF model directory (transformers and vLLM load it); every
+        rank calls. A bf16 learner (full fine-tuning) exports its fp32 master weights."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        state, adapter = self._full_states()
+        state, adapter = self._full_states(fp32_masters=True)
         if self.rank != 0:
             return str(out)
         module = self.engine.module
@@ -508,6 +510,10 @@ class Learner:
             module.save_pretrained(str(out / "adapter"), state_dict=adapter, safe_serialization=True)
             module = module.get_base_model()
         module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        if self.dtype == "bfloat16" and all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point()):
+            config = copy.deepcopy(module.config)  # bf16 training, fp32 master weights: config.json says so
+            config.dtype = "float32"
+            config.save_pretrained(str(out))
         export_tokenizer(self.model_path, out)
         return str(out)
 
@@ -534,16 +540,20 @@ class Learner:
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._full_states()[0]
 
-    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _full_states(self, fp32_masters: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Full (unpartitioned) weights on CPU in HF names (a LoRA policy's merged), and a
         LoRA policy's adapter tensors (peft names; else empty), from one gather: a
-        collective under ZeRO-3 (every rank calls)."""
+        collective under ZeRO-3 (every rank calls). fp32_masters: a bf16 learner's fp32
+        master weights (_fp32_masters) instead of the module's bf16 ones."""
         from learner.broadcast import gathered
 
         module = self.engine.module
-        copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor (saved once)
         out, adapter = {}, {}
+        masters = self._fp32_masters() if fp32_masters else {}
         with gathered(list(module.parameters())):
+            # tied weights stay one tensor (saved once); with masters (bf16), each trained
+            # parameter's fp32 master weight instead of its bf16 copy
+            copies = {p.data_ptr(): masters[id(p)] for p in module.parameters() if id(p) in masters}
             state = module.state_dict()
             if self.cfg.lora.rank:  # what the generators serve
                 from learner.lora import merged_state
@@ -553,8 +563,47 @@ class Learner:
             for k, v in state.items():
                 if v.data_ptr() not in copies:
                     copies[v.data_ptr()] = v.detach().cpu().clone()
+                    if masters and v.is_floating_point():  # buffers beside fp32 masters (exact)
+                        copies[v.data_ptr()] = copies[v.data_ptr()].float()
                 out[k] = copies[v.data_ptr()]
         return out, adapter
+
+    def _fp32_masters(self) -> dict[int, torch.Tensor]:
+        """bf16 (full fine-tuning): the fp32 master weight of every trained parameter, on
+        CPU, keyed by id(parameter); DeepSpeed's optimizer holds them partitioned, so this
+        is a collective under ZeRO (every rank calls, in the same order). Else empty: an
+        fp32 module holds its master weights itself, and a LoRA policy's export is merged
+        from its frozen base."""
+        if self.dtype != "bfloat16" or self.cfg.lora.rank:
+            return {}
+        from deepspeed.utils import safe_get_full_fp32_param
+        from torch._utils import _unflatten_dense_tensors
+
+        # ZeRO 0: DeepSpeed's fp16 optimizers (bf16 too) keep each param group's fp32 masters
+        # flat (the fused one) or one per parameter (the unfused one, around a torch optimizer)
+        opt, flat = self.engine.optimizer, {}
+        for i, lp in enumerate(getattr(opt, "fp16_groups", [])):
+            hp = (_unflatten_dense_tensors(opt.fp32_groups_flat[i], lp) if hasattr(opt, "fp32_groups_flat")
+                  else getattr(opt, "fp32_groups", [[]] * (i + 1))[i])
+            flat.update({id(p): m for p, m in zip(lp, hp)})
+        trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+        out = {}
+        for p in trained:  # ZeRO 1-3: safe_get_full_fp32_param gathers (a collective)
+            full = safe_get_full_fp32_param(p)
+            full = flat.get(id(p)) if full is None else full
+            if full is not None:
+                shape = tuple(getattr(p, "ds_shape", p.shape))
+                if tuple(full.shape) != shape or full.dtype != torch.float32:
+                    raise RuntimeError(f"learner rank {self.rank}: the fp32 master of a {shape} parameter "
+                                       f"is {tuple(full.shape)} {full.dtype}")
+                out[id(p)] = full.detach().cpu().clone()
+        if out and len(out) != len(trained):
+            raise RuntimeError(f"learner rank {self.rank}: DeepSpeed holds fp32 masters for {len(out)} of "
+                               f"{len(trained)} trained parameters ({type(opt).__name__})")
+        if not out:
+            print(f"learner rank {self.rank}: no fp32 master weights found in {type(opt).__name__}; "
+                  f"the export holds the bf16 weights", flush=True)
+        return out
 
     def state_dict_numpy(self, raw: bool = False) -> dict[str, Any]:
         """The policy's full weights in HF names (a LoRA policy's merged); raw: the module's

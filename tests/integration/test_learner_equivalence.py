@@ -240,3 +240,41 @@ def test_auto_precision_is_the_hardware_s_and_trains_close_to_fp32(ray_session, 
     finally:
         auto.kill()
         fp32.kill()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_bf16_learner_exports_its_fp32_master_weights(ray_session, tiny_model, tmp_path, zero_stage):
+    """save_hf of a bf16 learner writes DeepSpeed's fp32 master weights (ZeRO 0: the bf16
+    optimizer's; ZeRO 3: gathered from every rank's partition), not the bf16 copies the
+    module trains with: each rounds to the module's bf16 weight, and some hold bits bf16 drops."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    group = learner_group(tiny_model, 2, 8, lr=1e-3, dtype="bfloat16", zero_stage=zero_stage)
+    try:
+        ready(group)
+        weights = lambda: ray.get([r.state_dict_numpy.remote() for r in group.ranks])[0]  # ZeRO-3: all gather
+        before = weights()
+        run_step(group, synthetic_groups(), capture=False)
+        held = weights()  # the module's bf16 weights
+        out = tmp_path / "hf"
+        ray.get([r.save_hf.remote(str(out)) for r in group.ranks])
+    finally:
+        group.kill()
+    exported = {k: v.numpy() if v.dtype == torch.float32 else v for k, v in load_file(str(out / "model.safetensors")).items()}
+    assert {k: v.dtype for k, v in exported.items()} == {k: np.float32 for k in exported}
+    assert exported and set(exported) <= set(held)
+    finer = 0
+    for name, master in exported.items():
+        assert master.dtype == np.float32, name
+        rounded = torch.from_numpy(master).bfloat16().float().numpy()
+        np.testing.assert_array_equal(rounded, held[name], err_msg=name)
+        finer += int(not np.array_equal(master, held[name]))
+    assert finer == len(exported)  # every tensor trained, and keeps what bf16 rounds away
+    assert any(not np.array_equal(held[k], before[k]) for k in exported)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
