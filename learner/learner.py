@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from learner import algos
 from learner.batch import Micro, Sequence, build_micro, counts, dummy_micro, flatten
 from learner.config import LearnerConfig
+from learner.export import export_tokenizer, fp32_masters_of
 from learner.schedule import StepPlan, step_shape
 from rollout.config import WeightSyncConfig
 from rollout.host import node_id, pin_from_env, redirect_output_from_env
@@ -33,34 +33,6 @@ _SUMS = ("loss", "kl", "clip_frac", "entropy", "sampler_logprob_diff", "mismatch
          "tokens", "nonfinite_losses", "stale_logprob_diff", "tokens_on_policy", "tokens_stale")
 # over the tokens of on-policy samples / of stale ones only (absent from a step that has none)
 _ON_POLICY, _STALE = ("sampler_logprob_diff", "mismatch_kl"), ("stale_logprob_diff",)
-
-
-def export_tokenizer(source: str | Path, out: Path) -> None:
-    """The whole tokenizer of `source` into the exported model directory `out`: every
-    tokenizer and template file (chat_template.jinja included), re-saved by transformers,
-    and a generation_config.json whose EOS ids are every token that ends a completion
-    (rollout/tokens.py: EOS and the template's end-of-turn), so transformers' generate
-    stops where the generators do."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from rollout.tokens import stop_token_ids
-
-    tok = AutoTokenizer.from_pretrained(str(source))
-    tok.save_pretrained(str(out))
-    for f in Path(source).iterdir():  # files a tokenizer class does not re-save (templates, sentencepiece models)
-        if f.is_file() and not (out / f.name).exists() and (
-                f.suffix == ".jinja" or f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges",
-                                                           "added_tokens", "chat_template"))):
-            shutil.copy(f, out / f.name)
-    try:
-        gen = GenerationConfig.from_pretrained(str(source))
-    except OSError:
-        gen = GenerationConfig(pad_token_id=tok.pad_token_id)
-    stops = stop_token_ids(tok, gen.eos_token_id)
-    gen.eos_token_id = stops[0] if len(stops) == 1 else stops
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tok.pad_token_id
-    gen.save_pretrained(str(out))
 
 
 def _supervised(prompt: list[int], completion: list[int], mask: list[int] | None = None) -> Sequence:
@@ -99,7 +71,7 @@ class GuardedAdamW(torch.optim.AdamW):
         device = collective_device()
         finite = torch.ones(1, dtype=torch.float64, device=device)
         if grads:
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(device, torch.float64).reshape(1)
+            finite = torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all().to(torch.float64).reshape(1)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() < 1.0:
@@ -192,7 +164,7 @@ class Learner:
 
         # Every collective of the group has a deadline: a rank that died does not hang the others forever.
         deepspeed.init_distributed(dist_backend=dist_backend, timeout=timedelta(seconds=collective_timeout_s))
-        self.dtype, self.dtype_reason = self._agreed_dtype(cfg.dtype, "cuda" if dist_backend == "nccl" else "cpu")
+        self.dtype, self.dtype_reason = self._agreed_dtype(cfg.dtype, collective_device().type)
         self.cfg = cfg = cfg.model_copy(update={"dtype": self.dtype})  # concrete from here on (DeepSpeed, checkpoints)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         if cfg.gradient_checkpointing:  # activations recomputed in the backward: memory for compute
@@ -544,12 +516,13 @@ class Learner:
         """Full (unpartitioned) weights on CPU in HF names (a LoRA policy's merged), and a
         LoRA policy's adapter tensors (peft names; else empty), from one gather: a
         collective under ZeRO-3 (every rank calls). fp32_masters: a bf16 learner's fp32
-        master weights (_fp32_masters) instead of the module's bf16 ones."""
+        master weights (learner/export.py) instead of the module's bf16 ones."""
         from learner.broadcast import gathered
 
         module = self.engine.module
         out, adapter = {}, {}
-        masters = self._fp32_masters() if fp32_masters else {}
+        masters = fp32_masters_of(self.engine, self.rank) if fp32_masters and self.dtype == "bfloat16" \
+            and not self.cfg.lora.rank else {}
         with gathered(list(module.parameters())):
             # tied weights stay one tensor (saved once); with masters (bf16), each trained
             # parameter's fp32 master weight instead of its bf16 copy
@@ -563,47 +536,10 @@ class Learner:
             for k, v in state.items():
                 if v.data_ptr() not in copies:
                     copies[v.data_ptr()] = v.detach().cpu().clone()
-                    if masters and v.is_floating_point():  # buffers beside fp32 masters (exact)
+                    if masters and v.is_floating_point():  # buffers (held in bf16) beside fp32 masters
                         copies[v.data_ptr()] = copies[v.data_ptr()].float()
                 out[k] = copies[v.data_ptr()]
         return out, adapter
-
-    def _fp32_masters(self) -> dict[int, torch.Tensor]:
-        """bf16 (full fine-tuning): the fp32 master weight of every trained parameter, on
-        CPU, keyed by id(parameter); DeepSpeed's optimizer holds them partitioned, so this
-        is a collective under ZeRO (every rank calls, in the same order). Else empty: an
-        fp32 module holds its master weights itself, and a LoRA policy's export is merged
-        from its frozen base."""
-        if self.dtype != "bfloat16" or self.cfg.lora.rank:
-            return {}
-        from deepspeed.utils import safe_get_full_fp32_param
-        from torch._utils import _unflatten_dense_tensors
-
-        # ZeRO 0: DeepSpeed's fp16 optimizers (bf16 too) keep each param group's fp32 masters
-        # flat (the fused one) or one per parameter (the unfused one, around a torch optimizer)
-        opt, flat = self.engine.optimizer, {}
-        for i, lp in enumerate(getattr(opt, "fp16_groups", [])):
-            hp = (_unflatten_dense_tensors(opt.fp32_groups_flat[i], lp) if hasattr(opt, "fp32_groups_flat")
-                  else getattr(opt, "fp32_groups", [[]] * (i + 1))[i])
-            flat.update({id(p): m for p, m in zip(lp, hp)})
-        trained = [p for p in self.engine.module.parameters() if p.requires_grad]
-        out = {}
-        for p in trained:  # ZeRO 1-3: safe_get_full_fp32_param gathers (a collective)
-            full = safe_get_full_fp32_param(p)
-            full = flat.get(id(p)) if full is None else full
-            if full is not None:
-                shape = tuple(getattr(p, "ds_shape", p.shape))
-                if tuple(full.shape) != shape or full.dtype != torch.float32:
-                    raise RuntimeError(f"learner rank {self.rank}: the fp32 master of a {shape} parameter "
-                                       f"is {tuple(full.shape)} {full.dtype}")
-                out[id(p)] = full.detach().cpu().clone()
-        if out and len(out) != len(trained):
-            raise RuntimeError(f"learner rank {self.rank}: DeepSpeed holds fp32 masters for {len(out)} of "
-                               f"{len(trained)} trained parameters ({type(opt).__name__})")
-        if not out:
-            print(f"learner rank {self.rank}: no fp32 master weights found in {type(opt).__name__}; "
-                  f"the export holds the bf16 weights", flush=True)
-        return out
 
     def state_dict_numpy(self, raw: bool = False) -> dict[str, Any]:
         """The policy's full weights in HF names (a LoRA policy's merged); raw: the module's

@@ -41,7 +41,7 @@ def save(learners: Any, run_dir: Path, state: dict[str, Any], keep: int) -> Path
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     learners.save_checkpoint(str(path / "deepspeed"))
-    learners.save_hf(str(path / "hf"))  # a collective under ZeRO-3
+    learners.save_hf(str(path / "hf"))  # a collective under ZeRO-3, and in bf16 under any ZeRO stage (the fp32 masters)
     write_atomic(path / STATE_FILE, json.dumps({**state, "run_id": run_id(run_dir)}))
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

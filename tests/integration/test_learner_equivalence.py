@@ -242,10 +242,10 @@ def test_auto_precision_is_the_hardware_s_and_trains_close_to_fp32(ray_session, 
         fp32.kill()
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_a_bf16_learner_exports_its_fp32_master_weights(ray_session, tiny_model, tmp_path, zero_stage):
-    """save_hf of a bf16 learner writes DeepSpeed's fp32 master weights (ZeRO 0: the bf16
-    optimizer's; ZeRO 3: gathered from every rank's partition), not the bf16 copies the
+    """save_hf of a bf16 learner writes DeepSpeed's fp32 master weights (ZeRO 0: its fp16
+    optimizer's; ZeRO 2 and 3: gathered from every rank's partition), not the bf16 copies the
     module trains with: each rounds to the module's bf16 weight, and some hold bits bf16 drops."""
     import json
 

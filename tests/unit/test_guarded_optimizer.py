@@ -39,7 +39,7 @@ def test_a_finite_gradient_steps_every_tensor() -> None:
     assert torch.allclose(params[1].detach(), torch.tensor([0.9, 0.9]), atol=1e-6)
 
 
-def test_the_flag_is_reduced_on_the_cpu_under_gloo(tmp_path) -> None:
+def test_the_flag_lives_on_the_cpu_under_gloo(tmp_path) -> None:
     assert collective_device() == torch.device("cpu")  # no process group
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:

@@ -78,7 +78,7 @@ def test_a_chat_template_is_required_for_data_template_chat(tiny_model):
 def test_the_export_carries_the_whole_tokenizer_and_every_stop_token(chat_model, tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
-    from learner.learner import export_tokenizer
+    from learner.export import export_tokenizer
 
     export_tokenizer(chat_model, tmp_path)
     assert (tmp_path / "chat_template.jinja").read_text() == (chat_model / "chat_template.jinja").read_text()
