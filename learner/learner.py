@@ -534,10 +534,9 @@ class Learner:
                 adapter = {k: v.detach().cpu().clone() for k, v in state.items() if ".lora_" in k}
                 state = merged_state(module)
             for k, v in state.items():
-                if v.data_ptr() not in copies:
-                    copies[v.data_ptr()] = v.detach().cpu().clone()
-                    if masters and v.is_floating_point():  # buffers (held in bf16) beside fp32 masters
-                        copies[v.data_ptr()] = copies[v.data_ptr()].float()
+                if v.data_ptr() not in copies:  # beside fp32 masters, buffers (held in bf16) in fp32
+                    dtype = torch.float32 if masters and v.is_floating_point() else v.dtype
+                    copies[v.data_ptr()] = v.detach().to("cpu", dtype, copy=True)
                 out[k] = copies[v.data_ptr()]
         return out, adapter
 
